@@ -1,0 +1,12 @@
+"""Test-session set-up: 8 fake CPU devices, and torchvision loaded before TensorFlow (the other order
+segfaults with this machine's wheels)."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+try:
+  import torchvision  # noqa: F401  pylint: disable=unused-import
+except ImportError:
+  pass

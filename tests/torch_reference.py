@@ -1,0 +1,62 @@
+"""PyTorch reference models for the tests: timm's VOLO (same state_dict names as the official code) with every
+tensor randomised, saved in the official trainer's checkpoint format."""
+
+import argparse
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+timm = pytest.importorskip("timm")
+
+
+def randomised_timm_volo(name: str, img_size: int = 224, num_classes: int = 1000, seed: int = 0, **kwargs):
+  """timm volo_dX with random weights, biases, LayerNorm/BatchNorm affines and BatchNorm running stats."""
+  torch.manual_seed(seed)
+  model = timm.create_model(f"{name}_224", pretrained=False, img_size=img_size, num_classes=num_classes,
+                            **kwargs)
+  gen = torch.Generator().manual_seed(seed + 1)
+  with torch.no_grad():
+    for key, tensor in model.state_dict().items():
+      if not tensor.is_floating_point():
+        continue
+      noise = torch.randn(tensor.shape, generator=gen)
+      if key.endswith("running_var"):
+        tensor.copy_(0.5 + torch.rand(tensor.shape, generator=gen))
+      elif key.endswith("running_mean") or key.endswith("bias"):
+        tensor.copy_(0.1 * noise)
+      elif tensor.ndim == 1:  # LayerNorm / BatchNorm scales
+        tensor.copy_(1.0 + 0.1 * noise)
+      else:  # kernels, pos_embed, cls_token: keep the init's scale, new values
+        tensor.copy_(noise * tensor.std().clamp(min=0.02))
+  return model.eval()
+
+
+def save_official_checkpoint(model, path, *, ema_model=None, module_prefix: bool = False):
+  """The dict timm's CheckpointSaver writes for the official trainer (pickled argparse args included)."""
+  def prefixed(sd):
+    return {("module." + k if module_prefix else k): v for k, v in sd.items()}
+
+  ckpt = {
+      "epoch": 299, "arch": "volo_d1", "version": 2, "metric": 84.2,
+      "state_dict": prefixed(model.state_dict()),
+      "optimizer": {"state": {}, "param_groups": [{"lr": 1e-5, "weight_decay": 0.05, "params": [0, 1]}]},
+      "args": argparse.Namespace(model="volo_d1", lr=1.6e-3, token_label=True),
+  }
+  if ema_model is not None:
+    ckpt["state_dict_ema"] = prefixed(ema_model.state_dict())
+  torch.save(ckpt, path)
+
+
+def nhwc_batch(batch: int, img_size: int, seed: int = 0) -> np.ndarray:
+  return np.random.default_rng(seed).standard_normal((batch, img_size, img_size, 3)).astype(np.float32)
+
+
+def torch_logits(model, images_nhwc: np.ndarray) -> np.ndarray:
+  with torch.no_grad():
+    return model(torch.from_numpy(images_nhwc).permute(0, 3, 1, 2)).numpy()
+
+
+def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
+  """max |Δ| / max |expected|, the issue's criterion."""
+  return float(np.abs(np.asarray(actual) - expected).max() / np.abs(expected).max())

@@ -1,0 +1,4 @@
+"""volo_jax: VOLO (Vision Outlooker) in JAX/Flax NNX, exact to the official PyTorch model."""
+
+from volo_jax.models import VARIANTS, VOLO, create_model, default_crop_pct
+from volo_jax.convert.mapping import export_torch_weights, load_torch_weights

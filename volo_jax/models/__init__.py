@@ -1,0 +1,3 @@
+"""Flax NNX VOLO models."""
+
+from volo_jax.models.volo import VARIANTS, VOLO, create_model, default_crop_pct, parse_model_name

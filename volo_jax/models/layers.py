@@ -1,0 +1,170 @@
+"""VOLO's building blocks other than outlook attention: MLP, self-attention, class attention, the blocks that
+wrap them, the convolutional stem and the stage-1 → stage-2 downsample. Inputs are channels-last."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from volo_jax.models.initializers import conv_kernel_init, linear_bias_init, linear_kernel_init
+from volo_jax.models.outlook import OutlookAttention
+
+LAYER_NORM_EPS = 1e-5  # PyTorch's default; Flax's is 1e-6.
+BATCH_NORM_MOMENTUM = 0.9  # PyTorch momentum 0.1
+
+
+def dense(in_features: int, out_features: int, *, use_bias: bool = True, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+  return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype, kernel_init=linear_kernel_init,
+                    bias_init=linear_bias_init, rngs=rngs)
+
+
+def layer_norm(dim: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  """LayerNorm computed and returned in float32 whatever the compute dtype."""
+  return nnx.LayerNorm(dim, epsilon=LAYER_NORM_EPS, dtype=jnp.float32, rngs=rngs)
+
+
+def drop_path(rate: float, rngs: nnx.Rngs) -> nnx.Dropout:
+  """Stochastic depth: drops whole samples' residual branches, scaling kept ones by 1/(1-rate)."""
+  return nnx.Dropout(rate, broadcast_dims=(1, 2, 3), rngs=rngs)
+
+
+def _softmax_f32(logits: jax.Array, dtype) -> jax.Array:
+  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dtype)
+
+
+class Mlp(nnx.Module):
+  """fc1 → exact (erf) GELU → fc2, with optional dropout after each."""
+
+  def __init__(self, dim: int, hidden: int, *, drop: float = 0.0, dtype, rngs: nnx.Rngs):
+    self.fc1 = dense(dim, hidden, dtype=dtype, rngs=rngs)
+    self.fc2 = dense(hidden, dim, dtype=dtype, rngs=rngs)
+    self.drop = nnx.Dropout(drop, rngs=rngs)
+
+  def __call__(self, x):
+    x = self.drop(jax.nn.gelu(self.fc1(x), approximate=False))
+    return self.drop(self.fc2(x))
+
+
+class Attention(nnx.Module):
+  """Multi-head self-attention over all tokens of a (B, H, W, C) map."""
+
+  def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool = False, attn_drop: float = 0.0,
+               dtype, rngs: nnx.Rngs):
+    self.num_heads = num_heads
+    self.scale = (dim // num_heads) ** -0.5
+    self.qkv = dense(dim, 3 * dim, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
+    self.proj = dense(dim, dim, dtype=dtype, rngs=rngs)
+    self.attn_drop = nnx.Dropout(attn_drop, rngs=rngs)
+
+  def __call__(self, x):
+    b, h, w, c = x.shape
+    qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, c // self.num_heads)  # PyTorch's (3, heads, hd)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, heads, head_dim)
+    attn = _softmax_f32(jnp.einsum("bqnd,bknd->bnqk", q, k) * self.scale, v.dtype)
+    out = jnp.einsum("bnqk,bknd->bqnd", self.attn_drop(attn), v)
+    return self.proj(out.reshape(b, h, w, c))
+
+
+class ClassAttention(nnx.Module):
+  """CaiT class attention: only the class token queries; keys and values come from every token."""
+
+  def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool = False, attn_drop: float = 0.0,
+               dtype, rngs: nnx.Rngs):
+    self.num_heads = num_heads
+    self.scale = (dim // num_heads) ** -0.5
+    self.kv = dense(dim, 2 * dim, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
+    self.q = dense(dim, dim, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
+    self.proj = dense(dim, dim, dtype=dtype, rngs=rngs)
+    self.attn_drop = nnx.Dropout(attn_drop, rngs=rngs)
+
+  def __call__(self, x):
+    b, n, c = x.shape
+    kv = self.kv(x).reshape(b, n, 2, self.num_heads, c // self.num_heads)  # PyTorch's (2, heads, hd)
+    k, v = kv[:, :, 0], kv[:, :, 1]  # (B, N, heads, head_dim)
+    q = self.q(x[:, :1]).reshape(b, self.num_heads, c // self.num_heads) * self.scale
+    attn = _softmax_f32(jnp.einsum("bnd,bknd->bnk", q, k), v.dtype)
+    cls = jnp.einsum("bnk,bknd->bnd", self.attn_drop(attn), v).reshape(b, 1, c)
+    return self.proj(cls)
+
+
+class Outlooker(nnx.Module):
+  """Stage-1 block: x + outlook attention, then x + MLP, both pre-norm."""
+
+  def __init__(self, dim: int, num_heads: int, *, mlp_ratio: float, qkv_bias: bool, attn_drop: float,
+               drop_path_rate: float, dtype, rngs: nnx.Rngs):
+    self.norm1 = layer_norm(dim, rngs)
+    self.attn = OutlookAttention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, dtype=dtype, rngs=rngs)
+    self.norm2 = layer_norm(dim, rngs)
+    self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
+    self.drop_path = drop_path(drop_path_rate, rngs)
+
+  def __call__(self, x):
+    x = x + self.drop_path(self.attn(self.norm1(x)))
+    return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class Transformer(nnx.Module):
+  """Stage-2 block: x + self-attention, then x + MLP, both pre-norm."""
+
+  def __init__(self, dim: int, num_heads: int, *, mlp_ratio: float, qkv_bias: bool, attn_drop: float,
+               drop_path_rate: float, dtype, rngs: nnx.Rngs):
+    self.norm1 = layer_norm(dim, rngs)
+    self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, dtype=dtype, rngs=rngs)
+    self.norm2 = layer_norm(dim, rngs)
+    self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
+    self.drop_path = drop_path(drop_path_rate, rngs)
+
+  def __call__(self, x):
+    x = x + self.drop_path(self.attn(self.norm1(x)))
+    return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class ClassBlock(nnx.Module):
+  """Post-network block: updates only the class token (row 0) of a (B, 1+N, C) sequence."""
+
+  def __init__(self, dim: int, num_heads: int, *, mlp_ratio: float, qkv_bias: bool, attn_drop: float,
+               dtype, rngs: nnx.Rngs):
+    self.norm1 = layer_norm(dim, rngs)
+    self.attn = ClassAttention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, dtype=dtype, rngs=rngs)
+    self.norm2 = layer_norm(dim, rngs)
+    self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
+
+  def __call__(self, x):
+    cls = x[:, :1] + self.attn(self.norm1(x))
+    cls = cls + self.mlp(self.norm2(cls))
+    return jnp.concatenate([cls.astype(x.dtype), x[:, 1:]], axis=1)
+
+
+class PatchEmbed(nnx.Module):
+  """Stem: 7×7/2 conv → three (conv, BN, ReLU) → 4×4/4 conv to the stage-1 width. Net stride 8."""
+
+  def __init__(self, in_chans: int, hidden_dim: int, embed_dim: int, *, patch_size: int = 8, dtype,
+               rngs: nnx.Rngs):
+    conv = dict(use_bias=False, dtype=dtype, kernel_init=conv_kernel_init, rngs=rngs)
+    self.convs = nnx.List([
+        nnx.Conv(in_chans, hidden_dim, (7, 7), strides=2, padding=((3, 3), (3, 3)), **conv),
+        nnx.Conv(hidden_dim, hidden_dim, (3, 3), strides=1, padding=((1, 1), (1, 1)), **conv),
+        nnx.Conv(hidden_dim, hidden_dim, (3, 3), strides=1, padding=((1, 1), (1, 1)), **conv),
+    ])
+    self.norms = nnx.List([
+        nnx.BatchNorm(hidden_dim, momentum=BATCH_NORM_MOMENTUM, epsilon=1e-5, dtype=jnp.float32, rngs=rngs)
+        for _ in range(3)
+    ])
+    stride = patch_size // 2
+    self.proj = nnx.Conv(hidden_dim, embed_dim, (stride, stride), strides=stride, padding="VALID",
+                         dtype=dtype, kernel_init=conv_kernel_init, rngs=rngs)
+
+  def __call__(self, x):
+    for conv, norm in zip(self.convs, self.norms):
+      x = jax.nn.relu(norm(conv(x)))
+    return self.proj(x)
+
+
+class Downsample(nnx.Module):
+  """2×2 stride-2 conv between the outlooker and transformer stages."""
+
+  def __init__(self, in_dim: int, out_dim: int, *, dtype, rngs: nnx.Rngs):
+    self.proj = nnx.Conv(in_dim, out_dim, (2, 2), strides=2, padding="VALID", dtype=dtype,
+                         kernel_init=conv_kernel_init, rngs=rngs)
+
+  def __call__(self, x):
+    return self.proj(x)
