@@ -132,7 +132,7 @@ def load_state_dict(model: nnx.Module, tensors: dict[str, np.ndarray], *, strict
     if value.shape != shape:
       mismatched.append(f"{name} checkpoint {tuple(tensors[name].shape)} vs model {_torch_shape(path, shape)}")
       continue
-    updates[path] = jnp.asarray(value, var.get_value().dtype)
+    updates[path] = jnp.array(value, var.get_value().dtype)  # a copy: never alias the caller's buffers
     report.loaded.append(name)
   unexpected = [k for k in tensors if k not in used and not k.endswith("num_batches_tracked")]
   if model_without_heads(model):

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from volo_jax.models.dropout import drop_path, dropout
 from volo_jax.models.initializers import conv_kernel_init, linear_bias_init, linear_kernel_init
 from volo_jax.models.outlook import OutlookAttention
 
@@ -22,11 +23,6 @@ def layer_norm(dim: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
   return nnx.LayerNorm(dim, epsilon=LAYER_NORM_EPS, dtype=jnp.float32, rngs=rngs)
 
 
-def drop_path(rate: float, rngs: nnx.Rngs) -> nnx.Dropout:
-  """Stochastic depth: drops whole samples' residual branches, scaling kept ones by 1/(1-rate)."""
-  return nnx.Dropout(rate, broadcast_dims=(1, 2, 3), rngs=rngs)
-
-
 def _softmax_f32(logits: jax.Array, dtype) -> jax.Array:
   return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dtype)
 
@@ -37,7 +33,7 @@ class Mlp(nnx.Module):
   def __init__(self, dim: int, hidden: int, *, drop: float = 0.0, dtype, rngs: nnx.Rngs):
     self.fc1 = dense(dim, hidden, dtype=dtype, rngs=rngs)
     self.fc2 = dense(hidden, dim, dtype=dtype, rngs=rngs)
-    self.drop = nnx.Dropout(drop, rngs=rngs)
+    self.drop = dropout(drop, rngs)
 
   def __call__(self, x):
     x = self.drop(jax.nn.gelu(self.fc1(x), approximate=False))
@@ -53,7 +49,7 @@ class Attention(nnx.Module):
     self.scale = (dim // num_heads) ** -0.5
     self.qkv = dense(dim, 3 * dim, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
     self.proj = dense(dim, dim, dtype=dtype, rngs=rngs)
-    self.attn_drop = nnx.Dropout(attn_drop, rngs=rngs)
+    self.attn_drop = dropout(attn_drop, rngs)
 
   def __call__(self, x):
     b, h, w, c = x.shape
@@ -74,7 +70,7 @@ class ClassAttention(nnx.Module):
     self.kv = dense(dim, 2 * dim, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
     self.q = dense(dim, dim, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
     self.proj = dense(dim, dim, dtype=dtype, rngs=rngs)
-    self.attn_drop = nnx.Dropout(attn_drop, rngs=rngs)
+    self.attn_drop = dropout(attn_drop, rngs)
 
   def __call__(self, x):
     b, n, c = x.shape

@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from volo_jax.models.initializers import linear_bias_init, linear_kernel_init
+from volo_jax.models.dropout import dropout
 
 
 class WindowGeometry(NamedTuple):
@@ -124,8 +125,8 @@ class OutlookAttention(nnx.Module):
     self.v = nnx.Linear(dim, dim, use_bias=qkv_bias, **dense)
     self.attn = nnx.Linear(dim, kernel_size**4 * num_heads, **dense)
     self.proj = nnx.Linear(dim, dim, **dense)
-    self.attn_drop = nnx.Dropout(attn_drop, rngs=rngs)
-    self.proj_drop = nnx.Dropout(proj_drop, rngs=rngs)
+    self.attn_drop = dropout(attn_drop, rngs)
+    self.proj_drop = dropout(proj_drop, rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     b, height, width, _ = x.shape

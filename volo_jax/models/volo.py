@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from volo_jax.models import layers as L
+from volo_jax.models.dropout import dropout
 from volo_jax.models.initializers import embedding_init
 
 PATCH_SIZE = 8  # stem stride
@@ -52,11 +53,6 @@ def parse_model_name(name: str) -> tuple[str, int | None]:
   return match.group(1), int(match.group(2)) if match.group(2) else None
 
 
-def _dropout(rate: float, rngs: nnx.Rngs) -> nnx.Dropout:
-  """Dropout that carries an RNG stream only when it can drop something."""
-  return nnx.Dropout(rate, rngs=rngs if rate > 0 else None)
-
-
 class VOLO(nnx.Module):
   """The VOLO family on NHWC images; `model.eval()` / `model.train()` switch the forward as in PyTorch."""
 
@@ -75,7 +71,7 @@ class VOLO(nnx.Module):
     self.patch_embed = L.PatchEmbed(in_chans, variant.stem_hidden_dim, dims[0], patch_size=PATCH_SIZE,
                                     dtype=dtype, rngs=rngs)
     self.pos_embed = nnx.Param(embedding_init(rngs.params(), (1, height // STRIDE, width // STRIDE, dims[-1])))
-    self.pos_drop = _dropout(pos_drop_rate, rngs)
+    self.pos_drop = dropout(pos_drop_rate, rngs)
 
     # Official drop-path schedule: block j of all stages (outlookers included in the count) gets
     # rate·j/(Σlayers − 1), but the outlooker builder never receives the rate, so stage 1 gets none.
@@ -95,7 +91,7 @@ class VOLO(nnx.Module):
     self.cls_token = nnx.Param(embedding_init(rngs.params(), (1, 1, dims[-1])))
     self.post_network = nnx.List([L.ClassBlock(dims[-1], heads[-1], **block_kw) for _ in range(2)])
     self.norm = L.layer_norm(dims[-1], rngs)
-    self.head_drop = _dropout(drop_rate, rngs)
+    self.head_drop = dropout(drop_rate, rngs)
     if num_classes > 0:
       self.head = L.dense(dims[-1], num_classes, dtype=dtype, rngs=rngs)
       self.aux_head = L.dense(dims[-1], num_classes, dtype=dtype, rngs=rngs)

@@ -1,0 +1,62 @@
+"""Command-line weight conversion.
+
+  python -m volo_jax.convert torch2flax SRC.pth.tar OUT_DIR --model volo_d1 --img-size 224 [--num-classes N] [--ema]
+  python -m volo_jax.convert flax2torch CKPT_DIR OUT.pth --model volo_d1 --img-size 224
+"""
+
+import argparse
+import sys
+
+from volo_jax.convert.flax_io import read_model_json, restore_weights, save_model_checkpoint
+from volo_jax.convert.mapping import export_torch_weights, load_torch_weights
+from volo_jax.convert.torch_io import CheckpointError
+from volo_jax.models import create_model, parse_model_name
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="python -m volo_jax.convert", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="direction", required=True)
+  to_flax = sub.add_parser("torch2flax", help="PyTorch .pth.tar/.pth/.bin/.safetensors → orbax directory")
+  to_flax.add_argument("src")
+  to_flax.add_argument("out_dir")
+  to_flax.add_argument("--num-classes", type=int, default=1000)
+  to_flax.add_argument("--ema", action="store_true", help="take the checkpoint's state_dict_ema")
+  to_flax.add_argument("--non-strict", action="store_true", help="ignore checkpoint tensors the model lacks")
+  to_torch = sub.add_parser("flax2torch", help="orbax directory → .pth or .safetensors state dict")
+  to_torch.add_argument("ckpt_dir")
+  to_torch.add_argument("out")
+  for p in (to_flax, to_torch):
+    p.add_argument("--model", required=True, help="volo_d1 … volo_d5")
+    p.add_argument("--img-size", type=int, default=224)
+  return parser
+
+
+def main(argv=None) -> int:
+  args = _parser().parse_args(argv)
+  try:
+    parse_model_name(args.model)
+    if args.direction == "torch2flax":
+      model = create_model(args.model, img_size=args.img_size, num_classes=args.num_classes)
+      report = load_torch_weights(model, args.src, use_ema=args.ema, strict=not args.non_strict)
+      save_model_checkpoint(model, args.out_dir, model_name=args.model, img_size=args.img_size)
+      print(report)
+      print(f"wrote {args.out_dir}")
+    else:
+      meta = read_model_json(args.ckpt_dir)
+      if (parse_model_name(meta["model"])[0], meta["img_size"]) != (parse_model_name(args.model)[0],
+                                                                    args.img_size):
+        raise CheckpointError(f"{args.ckpt_dir} holds {meta['model']} at {meta['img_size']}, "
+                              f"not {args.model} at {args.img_size}")
+      model = create_model(args.model, img_size=args.img_size, num_classes=meta["num_classes"])
+      restore_weights(model, args.ckpt_dir)
+      export_torch_weights(model, args.out)
+      print(f"wrote {args.out}")
+  except (CheckpointError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,1 @@
+"""Input side: TF image transforms and tf.data pipelines (nothing here knows about the model)."""

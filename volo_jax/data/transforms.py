@@ -1,0 +1,47 @@
+"""Image transforms in TF ops, matching timm's definitions (PIL/torchvision) as closely as TF allows."""
+
+import math
+
+import tensorflow as tf
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize(image: tf.Tensor) -> tf.Tensor:
+  """uint8/float [0, 255] (H, W, 3) → ImageNet-normalised float32."""
+  image = tf.cast(image, tf.float32) / 255.0
+  return (image - tf.constant(IMAGENET_MEAN)) / tf.constant(IMAGENET_STD)
+
+
+def resize_short_side(image: tf.Tensor, size: int) -> tf.Tensor:
+  """torchvision Resize(int): short side → size, long side → int(size · long / short); bicubic, antialiased
+  like PIL when shrinking. Returns float32 in [0, 255]."""
+  shape = tf.shape(image)
+  h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
+  short = tf.minimum(h, w)
+  new_h = tf.where(h <= w, float(size), tf.floor(size * h / short))
+  new_w = tf.where(w <= h, float(size), tf.floor(size * w / short))
+  resized = tf.image.resize(tf.cast(image, tf.float32), tf.cast(tf.stack([new_h, new_w]), tf.int32),
+                            method="bicubic", antialias=True)
+  return tf.clip_by_value(resized, 0.0, 255.0)
+
+
+def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
+  """torchvision CenterCrop: zero-pads first when the image is smaller, offsets int(round((h − size) / 2))."""
+  shape = tf.shape(image)
+  pad_h = tf.maximum(size - shape[0], 0)
+  pad_w = tf.maximum(size - shape[1], 0)
+  image = tf.pad(image, [[pad_h // 2, pad_h - pad_h // 2], [pad_w // 2, pad_w - pad_w // 2], [0, 0]])
+  shape = tf.shape(image)
+  top = tf.cast(tf.round(tf.cast(shape[0] - size, tf.float32) / 2.0), tf.int32)
+  left = tf.cast(tf.round(tf.cast(shape[1] - size, tf.float32) / 2.0), tf.int32)
+  return image[top:top + size, left:left + size]
+
+
+def eval_transform(image: tf.Tensor, img_size: int, crop_pct: float) -> tf.Tensor:
+  """timm eval: bicubic resize of the short side to floor(img_size / crop_pct), centre crop, normalise."""
+  image = resize_short_side(image, math.floor(img_size / crop_pct))
+  image = center_crop(image, img_size)
+  image.set_shape((img_size, img_size, 3))
+  return normalize(image)
