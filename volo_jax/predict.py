@@ -6,6 +6,8 @@ SRC is an official/timm .pth(.tar), a .safetensors file, or a directory written 
 """
 
 import argparse
+import importlib.util
+import os
 import sys
 
 import jax
@@ -21,15 +23,20 @@ from volo_jax.models import create_model, default_crop_pct, parse_model_name
 
 
 def imagenet_class_names() -> list[str]:
-  """Human-readable names from timm when installed, else the WordNet ids TFDS ships."""
-  try:
-    from timm.data import ImageNetInfo  # pylint: disable=import-outside-toplevel
-    info = ImageNetInfo()
-    return [info.index_to_description(i) for i in range(1000)]
-  except ImportError:
-    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-    return tfds.features.ClassLabel(
-        names_file=tfds.core.tfds_path("datasets/imagenet2012/labels.txt")).names
+  """WordNet ids in class-index order (TFDS ships them), with timm's lemma text when timm is installed.
+
+  timm's file is read without importing timm: importing torchvision after TensorFlow crashes some builds.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  wnids = tfds.features.ClassLabel(names_file=tfds.core.tfds_path("datasets/imagenet2012/labels.txt")).names
+  timm_spec = importlib.util.find_spec("timm")
+  lemma_file = (os.path.join(os.path.dirname(timm_spec.origin), "data", "_info", "imagenet_synset_to_lemma.txt")
+                if timm_spec else "")
+  if not os.path.isfile(lemma_file):
+    return wnids
+  with open(lemma_file) as f:
+    lemmas = dict(line.rstrip("\n").split("\t", 1) for line in f if "\t" in line)
+  return [lemmas.get(wnid, wnid) for wnid in wnids]
 
 
 def load_image(path: str, img_size: int, crop_pct: float) -> np.ndarray:

@@ -90,7 +90,7 @@ def write_state_dict(tensors: dict[str, np.ndarray], path: str) -> None:
     else:
       torch = _torch()
       with open(tmp, "wb") as f:
-        torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}, f)
+        torch.save({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}, f)  # writable copies
     os.replace(tmp, path)  # never leave a half-written file under the final name
   finally:
     if os.path.exists(tmp):

@@ -34,6 +34,8 @@ VARIANTS = {
     "volo_d4": VoloVariant((8, 8, 16, 4), (384, 768, 768, 768), (12, 16, 16, 16)),
     "volo_d5": VoloVariant((12, 12, 20, 4), (384, 768, 768, 768), (12, 16, 16, 16), mlp_ratio=4.0,
                            stem_hidden_dim=128),
+    # Ours, not the paper's: a small member for the embedded digits default and for fast tests.
+    "volo_tiny": VoloVariant((2, 2, 1, 1), (64, 128, 128, 128), (2, 4, 4, 4), stem_hidden_dim=32),
 }
 
 # Eval crop_pct of timm's pretrained configs (the ones its published accuracies use), by (variant, size).
@@ -47,7 +49,7 @@ def default_crop_pct(name: str, img_size: int) -> float:
 
 def parse_model_name(name: str) -> tuple[str, int | None]:
   """'volo_d1' → ('volo_d1', None); timm-style 'volo_d1_384' → ('volo_d1', 384)."""
-  match = re.fullmatch(r"(volo_d[1-5])(?:_(\d+))?", name)
+  match = re.fullmatch(r"(volo_d[1-5]|volo_tiny)(?:_(\d+))?", name)
   if not match:
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(VARIANTS)} (optionally _<img_size>)")
   return match.group(1), int(match.group(2)) if match.group(2) else None
