@@ -1,0 +1,48 @@
+"""Train or fine-tune VOLO: python train.py --config configs/X.py[:arg] --workdir DIR [--config.key=value ...]
+
+Resumes from DIR's latest checkpoint when there is one. Multi-process (TPU pod, several GPU hosts) runs call
+jax.distributed.initialize() first; the command is the same on every worker.
+"""
+
+import logging as std_logging
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "experiment config file (configs/…py[:argument])",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "checkpoints, TensorBoard logs and the resolved config go here")
+flags.DEFINE_bool("distributed", None, "call jax.distributed.initialize() (default: when the environment is "
+                  "a TPU pod, SLURM or sets JAX_COORDINATOR_ADDRESS)")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _wants_distributed() -> bool:
+  if FLAGS.distributed is not None:
+    return FLAGS.distributed
+  return any(v in os.environ for v in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES"))
+
+
+class _QuietLibraries(std_logging.Filter):
+  """Keeps orbax's per-save INFO chatter out of the training log (its warnings and errors still show)."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
+
+
+def main(argv):
+  del argv
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  import jax  # pylint: disable=import-outside-toplevel
+  if _wants_distributed():
+    jax.distributed.initialize()
+  from volo_jax.train.loop import train_and_evaluate  # pylint: disable=import-outside-toplevel
+  logging.info("process %d/%d, %d local / %d global devices", jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
+  train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

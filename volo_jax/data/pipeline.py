@@ -1,0 +1,110 @@
+"""tf.data input: each process reads only its slice of a TFDS split, decodes (JPEG decode fused with the crop),
+augments and batches its share of the global batch. Runs on the host CPU, never on the accelerator."""
+
+import dataclasses
+
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from volo_jax.data import augment, transforms
+from volo_jax.data.digits import VoloDigits  # noqa: F401  (registers `volo_digits` with TFDS)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  num_classes: int
+  num_train: int
+  num_eval: int
+
+
+def builder(config):
+  """The TFDS builder for config.data.dataset; the bundled digits are prepared on first use (no download)."""
+  name = config.data.dataset
+  try:
+    b = tfds.builder(name, data_dir=config.data.get("data_dir") or None)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ValueError(f"unknown TFDS dataset {name!r}") from e
+  if name == "volo_digits" and not b.is_prepared():
+    b.download_and_prepare()
+  if not b.is_prepared():
+    raise ValueError(f"TFDS dataset {name!r} is not prepared in {b.data_dir_root}: prepare it first, e.g. for "
+                     "imagenet2012 put ILSVRC2012_img_{train,val}.tar in <data_dir>/downloads/manual and run "
+                     f"`tfds build {name} --data_dir <data_dir>` (see README)")
+  return b
+
+
+def dataset_info(config) -> DatasetInfo:
+  b = builder(config)
+  return DatasetInfo(num_classes=b.info.features["label"].num_classes,
+                     num_train=b.info.splits[config.data.train_split].num_examples,
+                     num_eval=b.info.splits[config.data.eval_split].num_examples)
+
+
+def _decode_train(example, seed, config):
+  """Random-resized crop fused with the JPEG decode, random interpolation, flip, normalise, erase."""
+  seeds = tf.random.experimental.stateless_split(seed, 4)
+  image_bytes = example["image"]
+  shape = tf.image.extract_jpeg_shape(image_bytes)
+  d = config.data
+  top, left, h, w = augment.random_resized_crop_window(seeds[0], shape[0], shape[1], scale=tuple(d.crop_scale),
+                                                       ratio=tuple(d.crop_ratio))
+  image = tf.image.decode_and_crop_jpeg(image_bytes, tf.stack([top, left, h, w]), channels=3)
+  image = augment.resize_random_interpolation(image, config.model.img_size, seeds[1])
+  if d.hflip > 0:
+    image = augment.random_flip(image, seeds[2], d.hflip)
+  image = transforms.normalize(image)
+  if d.random_erase > 0:
+    image = augment.random_erasing(image, seeds[3], probability=d.random_erase)
+  return {"image": image, "label": tf.cast(example["label"], tf.int32)}
+
+
+def _decode_eval(example, config):
+  image = tf.io.decode_jpeg(example["image"], channels=3)
+  image = transforms.eval_transform(image, config.model.img_size, config.data.crop_pct)
+  return {"image": image, "label": tf.cast(example["label"], tf.int32), "mask": tf.constant(1.0)}
+
+
+def _read(config, split: str, shuffle_seed: int | None):
+  read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, interleave_cycle_length=16)
+  return builder(config).as_dataset(split=split, shuffle_files=shuffle_seed is not None, read_config=read_config,
+                                    decoders={"image": tfds.decode.SkipDecoding()})
+
+
+def _deterministic(ds):
+  options = tf.data.Options()
+  options.deterministic = True  # parallel map/interleave keep the order: resume and multi-host need it
+  return ds.with_options(options)
+
+
+def train_dataset(config, *, local_batch: int, start_step: int, process_index: int, process_count: int):
+  """Infinite iterator of this process's batches, starting at global step `start_step`.
+
+  The example order is a function of (seed, process) only and every example's augmentation is seeded by its
+  position in that order, so skipping start_step·local_batch (still undecoded) examples resumes exactly.
+  """
+  split = tfds.split_for_jax_process(config.data.train_split, process_index=process_index,
+                                     process_count=process_count)
+  seed = config.seed + 1000 * process_index
+  ds = _read(config, split, shuffle_seed=seed)
+  ds = ds.repeat().shuffle(config.data.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+  ds = ds.enumerate().skip(start_step * local_batch)
+  ds = ds.map(lambda i, ex: _decode_train(ex, tf.stack([tf.constant(seed, tf.int64), i]), config),
+              num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  return _deterministic(ds).as_numpy_iterator()
+
+
+def eval_dataset(config, *, local_batch: int, process_index: int, process_count: int):
+  """This process's slice of the eval split, padded with mask-0 examples to the same number of batches on
+  every process, so that together the processes score every example exactly once."""
+  info = dataset_info(config)
+  shards = tfds.even_splits(config.data.eval_split, n=process_count, drop_remainder=False)
+  per_process = -(-info.num_eval // process_count)
+  num_batches = -(-per_process // local_batch)
+  ds = _read(config, shards[process_index], shuffle_seed=None)
+  ds = ds.map(lambda ex: _decode_eval(ex, config), num_parallel_calls=tf.data.AUTOTUNE)
+  size = config.model.img_size
+  padding = tf.data.Dataset.from_tensors({"image": tf.zeros((size, size, 3)), "label": tf.constant(0),
+                                          "mask": tf.constant(0.0)}).repeat()
+  ds = ds.concatenate(padding).take(num_batches * local_batch).batch(local_batch)
+  return _deterministic(ds.prefetch(tf.data.AUTOTUNE)).as_numpy_iterator(), num_batches

@@ -1,0 +1,1 @@
+"""Training: optimizer and schedule, step functions, sharding, checkpoints and the loop that wires them."""

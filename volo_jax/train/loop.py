@@ -1,0 +1,198 @@
+"""train_and_evaluate: mesh → data → sharded state (restored, pretrained or fresh) → jitted, donated train step
+→ periodic eval, logs, TensorBoard, checkpoints. The same code runs on one CPU, a GPU host or a TPU pod."""
+
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorflow as tf
+from absl import logging
+from flax import nnx
+
+from volo_jax.data import pipeline
+from volo_jax.models import create_model
+from volo_jax.train import checkpoint, optim, sharding, step as step_lib
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def build_model(config, num_classes: int, seed: int | None = None):
+  m = config.model
+  return create_model(m.name, img_size=m.img_size, num_classes=num_classes,
+                      seed=config.seed if seed is None else seed, drop_path_rate=m.drop_path_rate,
+                      drop_rate=m.get("drop_rate", 0.0), attn_drop_rate=m.get("attn_drop_rate", 0.0),
+                      dtype=_DTYPES[m.get("dtype", "float32")])
+
+
+class Setup:
+  """Everything derived from the config before the first step: mesh, sizes, model graph, step functions."""
+
+  def __init__(self, config):
+    if config.get("finetune") and not config.get("init_from"):
+      raise ValueError(f"{config.get('experiment', 'this experiment')} fine-tunes a pretrained model: "
+                       "set --config.init_from=<workdir, converted dir or .pth.tar>")
+    self.config = config
+    self.mesh = sharding.make_mesh(config)
+    sharding.check_batch_size(config.batch_size, self.mesh)
+    self.info = pipeline.dataset_info(config)
+    self.local_batch = config.batch_size // jax.process_count()
+    self.steps_per_epoch = self.info.num_train // config.batch_size
+    if self.steps_per_epoch == 0:
+      raise ValueError(f"batch_size {config.batch_size} exceeds the {self.info.num_train} training examples")
+    self.total_steps = config.get("total_steps") or optim.total_steps(config, self.steps_per_epoch)
+    self.tx = optim.make_optimizer(config, self.steps_per_epoch)
+    abstract_model = nnx.eval_shape(lambda: build_model(config, self.info.num_classes))
+    self.graphdef, _, _, self.rng_template = nnx.split(abstract_model, nnx.Param, nnx.BatchStat, ...)
+    self.abstract_state = jax.eval_shape(self.init_state)
+    self.state_sharding = sharding.state_shardings(self.abstract_state, self.mesh)
+    self.batch_sharding = sharding.batch_sharding(self.mesh)
+
+  def init_state(self, model=None):
+    model = model or build_model(self.config, self.info.num_classes)
+    _, params, batch_stats, _ = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "batch_stats": batch_stats,
+             "opt_state": self.tx.init(params)}
+    if self.config.get("ema_decay", 0.0) > 0:
+      state["ema_params"] = params
+    return state
+
+  def sharded_abstract_state(self):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.abstract_state,
+                        self.state_sharding)
+
+  def evaluate(self, state, eval_step) -> dict:
+    """top-1/top-5 over the whole eval split, every example counted once across processes."""
+    batches, _ = pipeline.eval_dataset(self.config, local_batch=self.local_batch,
+                                       process_index=jax.process_index(), process_count=jax.process_count())
+    totals = {"top1": 0.0, "top5": 0.0, "count": 0.0}
+    for batch in batches:
+      counts = eval_step(state, sharding.global_batch(batch, self.mesh))
+      totals = {k: totals[k] + float(counts[k]) for k in totals}
+    return {"top1": totals["top1"] / totals["count"], "top5": totals["top5"] / totals["count"],
+            "count": int(totals["count"])}
+
+  def jit_eval_step(self, use_ema: bool):
+    return jax.jit(step_lib.make_eval_step(self.graphdef, self.rng_template, use_ema),
+                   in_shardings=(self.state_sharding, self.batch_sharding))
+
+
+def _initial_state(setup: Setup, ckpt: checkpoint.Checkpointer):
+  """Resume order: latest checkpoint in the workdir, else config.init_from, else a fresh init."""
+  config = setup.config
+  latest = ckpt.latest_step()
+  if latest is not None:
+    logging.info("resuming from step %d", latest)
+    return ckpt.restore(latest, setup.sharded_abstract_state())
+  if config.get("init_from"):
+    model = build_model(config, setup.info.num_classes)
+    report = checkpoint.load_pretrained(model, config.init_from)
+    logging.info("initialised from %s: %s", config.init_from, report)
+    return jax.device_put(setup.init_state(model), setup.state_sharding)
+  return jax.jit(setup.init_state, out_shardings=setup.state_sharding)()
+
+
+def _write_config(config, workdir: str, num_classes: int) -> None:
+  resolved = json.loads(config.to_json())
+  resolved["model"]["num_classes"] = num_classes
+  path = os.path.join(workdir, checkpoint.CONFIG_JSON)
+  if os.path.exists(path):
+    with open(path) as f:
+      previous = json.load(f)["model"]
+    if previous != resolved["model"] and not config.get("force_resume"):
+      raise ValueError(f"{workdir} holds a run of model {previous}, not {resolved['model']}; use a new workdir "
+                       "(or --config.force_resume=True)")
+  if jax.process_index() == 0:
+    with open(path, "w") as f:
+      json.dump(resolved, f, indent=2)
+
+
+class _Progress:
+  """Log lines, TensorBoard scalars (process 0 only) and an interactive bar."""
+
+  def __init__(self, workdir: str, total_steps: int, start_step: int):
+    self.main = jax.process_index() == 0
+    self.writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard")) if self.main else None
+    self.bar = None
+    if self.main and sys.stderr.isatty():
+      from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+      self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+  def scalars(self, step: int, values: dict) -> None:
+    if self.writer:
+      with self.writer.as_default(step=step):
+        for tag, value in values.items():
+          tf.summary.scalar(tag, value)
+      self.writer.flush()
+
+  def advance(self, n: int, postfix: dict | None = None) -> None:
+    if self.bar:
+      self.bar.update(n)
+      if postfix:
+        self.bar.set_postfix(postfix)
+
+  def close(self):
+    if self.bar:
+      self.bar.close()
+    if self.writer:
+      self.writer.close()
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains config's experiment in workdir (resuming if it holds checkpoints); returns the last eval metrics."""
+  os.makedirs(workdir, exist_ok=True)
+  setup = Setup(config)
+  _write_config(config, workdir, setup.info.num_classes)
+  ckpt = checkpoint.Checkpointer(workdir, config)
+  jax.set_mesh(setup.mesh)
+  state = _initial_state(setup, ckpt)
+  start = int(state["step"])
+  train_step = jax.jit(
+      step_lib.make_train_step(setup.graphdef, setup.rng_template, setup.tx, config, setup.info.num_classes),
+      in_shardings=(setup.state_sharding, setup.batch_sharding), out_shardings=(setup.state_sharding, None),
+      donate_argnums=0)
+  eval_step = setup.jit_eval_step(use_ema=config.get("ema_decay", 0.0) > 0)
+  lr_fn = optim.lr_schedule(config, setup.steps_per_epoch)
+  batches = pipeline.train_dataset(config, local_batch=setup.local_batch, start_step=start,
+                                   process_index=jax.process_index(), process_count=jax.process_count())
+  progress = _Progress(workdir, setup.total_steps, start)
+  eval_every = config.eval_every_epochs * setup.steps_per_epoch
+  logging.info("%d steps (%d per epoch), global batch %d on %d devices, %d processes", setup.total_steps,
+               setup.steps_per_epoch, config.batch_size, jax.device_count(), jax.process_count())
+  eval_metrics, window_start, window_steps, t0 = {}, time.time(), 0, time.time()
+  for step in range(start, setup.total_steps):
+    state, metrics = train_step(state, sharding.global_batch(next(batches), setup.mesh))
+    done = step + 1
+    window_steps += 1
+    if done % config.log_every_steps == 0 or done == setup.total_steps:
+      metrics = jax.device_get(metrics)
+      if not np.isfinite(metrics["loss"]):
+        raise FloatingPointError(f"loss is {metrics['loss']} at step {done}; last good checkpoint kept")
+      elapsed = time.time() - window_start
+      images_per_sec = window_steps * config.batch_size / elapsed
+      eta = (setup.total_steps - done) * elapsed / window_steps
+      lr = float(lr_fn(step))
+      logging.info("step %d/%d epoch %.2f loss %.4f acc %.3f lr %.3g %.1f img/s ETA %.0fs", done,
+                   setup.total_steps, done / setup.steps_per_epoch, metrics["loss"], metrics["accuracy"], lr,
+                   images_per_sec, eta)
+      progress.scalars(done, {"train/loss": metrics["loss"], "train/lr": lr, "train/accuracy": metrics["accuracy"],
+                              "perf/images_per_sec": images_per_sec})
+      progress.advance(window_steps, {"loss": f"{metrics['loss']:.3f}"})
+      window_start, window_steps = time.time(), 0
+    ckpt.save(done, state, force=done == setup.total_steps)
+    if ckpt.reached_preemption(done):
+      ckpt.save(done, state, force=True)
+      logging.warning("preempted at step %d: checkpoint saved, exiting", done)
+      break
+    if done % eval_every == 0 or done == setup.total_steps:
+      eval_metrics = setup.evaluate(state, eval_step)
+      logging.info("eval at step %d: top-1 %.4f top-5 %.4f (%d images)", done, eval_metrics["top1"],
+                   eval_metrics["top5"], eval_metrics["count"])
+      progress.scalars(done, {"eval/top1": eval_metrics["top1"], "eval/top5": eval_metrics["top5"]})
+  progress.close()
+  ckpt.close()
+  logging.info("finished in %.0fs", time.time() - t0)
+  return eval_metrics

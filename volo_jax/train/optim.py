@@ -1,0 +1,62 @@
+"""AdamW with timm's parameter groups and timm's CosineLRScheduler (warmup, cosine, cooldown at min_lr)."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+NO_DECAY_NAMES = ("pos_embed", "cls_token")  # VOLO.no_weight_decay()
+
+
+def timm_cosine_lr(t, *, base_lr: float, warmup_lr: float, warmup: float, cycle: float, min_lr: float, xp=jnp):
+  """timm CosineLRScheduler (one cycle, warmup_prefix=False) at time t (epochs, or steps when per-step).
+
+  t < warmup: linear from warmup_lr; t < cycle: min_lr + ½(base − min)(1 + cos(π·t/cycle)) on the raw t, so the
+  peak is never reached; afterwards (the cooldown epochs) min_lr. xp = numpy evaluates it in float64.
+  """
+  warm = warmup_lr + t * (base_lr - warmup_lr) / max(warmup, 1e-12)
+  # ½(1 + cos x) written as cos²(x/2): no cancellation near the end of the cycle.
+  cosine = min_lr + (base_lr - min_lr) * xp.cos(0.5 * math.pi * t / cycle) ** 2
+  return xp.where(t < warmup, warm, xp.where(t < cycle, cosine, min_lr))
+
+
+def lr_schedule(config, steps_per_epoch: int) -> optax.Schedule:
+  """step → learning rate, equal to timm's scheduler for `config`'s recipe.
+
+  timm steps the scheduler once per epoch by default (lr constant within an epoch): the per-epoch values are
+  computed in float64 like timm's and looked up. `schedule.per_step` gives timm's t_in_epochs=False behaviour
+  (warmup and cycle counted in steps), evaluated in float32.
+  """
+  s, lr = config.schedule, config.optimizer.lr
+  per_step = s.get("per_step", False)
+  scale = steps_per_epoch if per_step else 1
+  kwargs = dict(base_lr=lr, warmup_lr=s.warmup_lr, warmup=s.warmup_epochs * scale, cycle=s.epochs * scale,
+                min_lr=s.min_lr)
+  if per_step:
+    return lambda step: timm_cosine_lr(jnp.asarray(step, jnp.float32), **kwargs)
+  epochs = s.epochs + s.cooldown_epochs
+  table = jnp.asarray(timm_cosine_lr(np.arange(epochs + 1, dtype=np.float64), xp=np, **kwargs), jnp.float32)
+  return lambda step: table[jnp.minimum(jnp.floor_divide(step, steps_per_epoch), epochs)]
+
+
+def total_steps(config, steps_per_epoch: int) -> int:
+  """epochs + cooldown epochs, as the official trainer runs."""
+  return (config.schedule.epochs + config.schedule.cooldown_epochs) * steps_per_epoch
+
+
+def weight_decay_mask(params):
+  """timm's groups: decay every tensor with ≥ 2 dims except pos_embed and cls_token."""
+  def decays(path, leaf):
+    names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+    return leaf.ndim >= 2 and not any(n in NO_DECAY_NAMES for n in names)
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
+  """optax AdamW (decoupled decay, β 0.9/0.999, eps 1e-8) on the schedule, optional global-norm clipping."""
+  o = config.optimizer
+  adamw = optax.adamw(lr_schedule(config, steps_per_epoch), b1=o.get("b1", 0.9), b2=o.get("b2", 0.999),
+                      eps=o.get("eps", 1e-8), weight_decay=o.weight_decay, mask=weight_decay_mask)
+  return optax.chain(optax.clip_by_global_norm(o.clip_grad), adamw) if o.get("clip_grad") else adamw

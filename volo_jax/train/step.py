@@ -1,0 +1,79 @@
+"""Pure step functions: the loss, one jitted-able train step (forward, backward, AdamW, EMA) and the eval step.
+
+The train state is a dict of pytrees: step, params (nnx.State of Params), batch_stats (BatchNorm running
+statistics), opt_state and optionally ema_params. Random streams are not state: every step derives fresh keys
+from (seed, step), so a resumed run draws exactly what an uninterrupted one would.
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+
+def soft_targets(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
+  """timm's label smoothing: 1 − s + s/K on the label, s/K elsewhere."""
+  off = smoothing / num_classes
+  return jax.nn.one_hot(labels, num_classes) * (1.0 - smoothing) + off
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Mean over rows of −Σ t·log_softmax(z), in float32."""
+  return -(targets * jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)).sum(-1).mean()
+
+
+def fresh_rng_state(template: nnx.State, key: jax.Array) -> nnx.State:
+  """Every RNG stream of the model (dropout, drop path, MixToken) reseeded with its own key from `key`."""
+  flat = nnx.to_flat_state(template)
+  leaves = {}
+  for index, (path, var) in enumerate(flat):
+    if isinstance(var, nnx.RngKey):
+      leaves[path] = var.replace(jax.random.fold_in(key, index))
+    else:  # RngCount
+      leaves[path] = var.replace(jnp.zeros_like(var.get_value()))
+  return nnx.from_flat_state(leaves)
+
+
+def make_train_step(graphdef, rng_template, tx: optax.GradientTransformation, config, num_classes: int):
+  """(state, batch) → (state, metrics); batch = {'image': (B, H, W, 3) float32, 'label': (B,) int32}."""
+  smoothing = config.get("label_smoothing", 0.0)
+  ema_decay = config.get("ema_decay", 0.0)
+  base_key = jax.random.key(config.seed)
+
+  def loss_fn(model, batch):
+    logits = model(batch["image"])
+    return cross_entropy(logits, soft_targets(batch["label"], num_classes, smoothing)), logits
+
+  def train_step(state, batch):
+    rng_state = fresh_rng_state(rng_template, jax.random.fold_in(base_key, state["step"]))
+    model = nnx.merge(graphdef, state["params"], state["batch_stats"], rng_state)
+    model.train()
+    (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch)  # grads of the Params
+    batch_stats = nnx.state(model, nnx.BatchStat)  # running statistics updated by the forward
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new_state = dict(state, step=state["step"] + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+    if "ema_params" in state:
+      new_state["ema_params"] = optax.incremental_update(params, state["ema_params"], 1.0 - ema_decay)
+    metrics = {"loss": loss, "accuracy": (logits.argmax(-1) == batch["label"]).mean(),
+               "grad_norm": optax.global_norm(grads)}
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(graphdef, rng_template, use_ema: bool = False):
+  """(state, batch) → summed counts {'top1', 'top5', 'count'}; padded examples carry mask 0."""
+
+  def eval_step(state, batch):
+    params = state["ema_params"] if use_ema else state["params"]
+    rng_state = fresh_rng_state(rng_template, jax.random.key(0))  # unused in eval, but part of the graph
+    model = nnx.merge(graphdef, params, state["batch_stats"], rng_state)
+    model.eval()
+    logits = model(batch["image"])
+    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+    hits = top5 == batch["label"][:, None]
+    mask = batch["mask"]
+    return {"top1": (hits[:, 0] * mask).sum(), "top5": (hits.any(-1) * mask).sum(), "count": mask.sum()}
+
+  return eval_step
