@@ -78,6 +78,7 @@ def _model_from_workdir(workdir: str, model_config: dict):
   weights = {"params": nnx.state(source, nnx.Param), "batch_stats": nnx.state(source, nnx.BatchStat)}
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, weights)
   restored = manager.restore(step, args=ocp.args.PyTreeRestore(
-      item=abstract, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)))
+      item=abstract, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract),
+      partial_restore=True))
   nnx.update(source, restored["params"], restored["batch_stats"])
   return source
