@@ -2,3 +2,4 @@
 
 from volo_jax.models import VARIANTS, VOLO, create_model, default_crop_pct
 from volo_jax.convert.mapping import export_torch_weights, load_torch_weights
+from volo_jax.train.optim import lr_schedule

@@ -31,8 +31,8 @@ def build_model(config, num_classes: int, seed: int | None = None):
 class Setup:
   """Everything derived from the config before the first step: mesh, sizes, model graph, step functions."""
 
-  def __init__(self, config):
-    if config.get("finetune") and not config.get("init_from"):
+  def __init__(self, config, *, for_training: bool = True):
+    if for_training and config.get("finetune") and not config.get("init_from"):
       raise ValueError(f"{config.get('experiment', 'this experiment')} fine-tunes a pretrained model: "
                        "set --config.init_from=<workdir, converted dir or .pth.tar>")
     self.config = config
@@ -76,8 +76,15 @@ class Setup:
             "count": int(totals["count"])}
 
   def jit_eval_step(self, use_ema: bool):
+    """The state keeps the shardings it has (a train state, or just params and batch stats)."""
     return jax.jit(step_lib.make_eval_step(self.graphdef, self.rng_template, use_ema),
-                   in_shardings=(self.state_sharding, self.batch_sharding))
+                   in_shardings=(None, self.batch_sharding))
+
+  def weights_state(self, model):
+    """{params, batch_stats} of `model`, placed with the train state's shardings (for evaluation)."""
+    _, params, batch_stats, _ = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+    weights = {"params": params, "batch_stats": batch_stats}
+    return jax.device_put(weights, {k: self.state_sharding[k] for k in weights})
 
 
 def _initial_state(setup: Setup, ckpt: checkpoint.Checkpointer):
