@@ -41,6 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.crop_scale = (0.08, 1.0)
   c.data.crop_ratio = (3 / 4, 4 / 3)
   c.data.hflip = 0.5
+  c.data.randaugment = "rand-m9-mstd0.5-inc1"  # timm RandAugment string; "" turns it off
   c.data.random_erase = 0.25
   c.data.shuffle_buffer = 16_384
 

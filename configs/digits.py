@@ -25,6 +25,7 @@ def get_config():
   c.data.crop_scale = (0.6, 1.0)  # digits must stay legible
   c.data.hflip = 0.0  # a mirrored digit is another symbol
   c.data.random_erase = 0.0
+  c.data.randaugment = ""
   c.data.shuffle_buffer = 2048
   c.log_every_steps = 20
   c.eval_every_epochs = 5

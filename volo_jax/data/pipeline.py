@@ -6,7 +6,7 @@ import dataclasses
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from volo_jax.data import augment, transforms
+from volo_jax.data import augment, randaugment, transforms
 from volo_jax.data.digits import VoloDigits  # noqa: F401  (registers `volo_digits` with TFDS)
 
 
@@ -41,8 +41,9 @@ def dataset_info(config) -> DatasetInfo:
 
 
 def _decode_train(example, seed, config):
-  """Random-resized crop fused with the JPEG decode, random interpolation, flip, normalise, erase."""
-  seeds = tf.random.experimental.stateless_split(seed, 4)
+  """timm's train transform: random-resized crop (fused with the JPEG decode) with random interpolation,
+  flip, RandAugment on the uint8 crop, normalise, random erasing."""
+  seeds = tf.random.experimental.stateless_split(seed, 5)
   image_bytes = example["image"]
   shape = tf.image.extract_jpeg_shape(image_bytes)
   d = config.data
@@ -50,8 +51,11 @@ def _decode_train(example, seed, config):
                                                        ratio=tuple(d.crop_ratio))
   image = tf.image.decode_and_crop_jpeg(image_bytes, tf.stack([top, left, h, w]), channels=3)
   image = augment.resize_random_interpolation(image, config.model.img_size, seeds[1])
+  image = tf.round(image)  # PIL hands RandAugment uint8 pixels
   if d.hflip > 0:
     image = augment.random_flip(image, seeds[2], d.hflip)
+  if d.randaugment:
+    image = randaugment.rand_augment(image, seeds[4], **randaugment.parse(d.randaugment))
   image = transforms.normalize(image)
   if d.random_erase > 0:
     image = augment.random_erasing(image, seeds[3], probability=d.random_erase)
