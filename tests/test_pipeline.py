@@ -70,6 +70,7 @@ def _config(data_dir, total_steps=2):
   config.total_steps = total_steps
   config.log_every_steps = 1
   config.data.shuffle_buffer = 64
+  config.mesh.fsdp = 2  # 4 × 2 on the 8 test devices
   return config
 
 
