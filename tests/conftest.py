@@ -10,3 +10,17 @@ try:
   import torchvision  # noqa: F401  pylint: disable=unused-import
 except ImportError:
   pass
+
+
+import gc  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_memory_between_modules():
+  """Drop compiled executables and dead arrays after each test module: the suite holds several d1–d5 models."""
+  yield
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.clear_caches()
+  gc.collect()
