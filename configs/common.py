@@ -8,6 +8,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.batch_size = 1024  # global, over all devices and processes
   c.label_smoothing = 0.1
+  # timm Mixup(mode='batch', correct_lam=True); alphas 0 = off, as in every VOLO recipe (timm's usual: 0.8 / 1.0).
+  c.mixup = ml_collections.ConfigDict(dict(mixup_alpha=0.0, cutmix_alpha=0.0, prob=1.0, switch_prob=0.5))
   c.ema_decay = 0.0  # > 0 keeps an EMA of the params and evaluates it
   c.init_from = ""  # a .pth/.pth.tar/.safetensors file, a converted weights dir or a training workdir
   c.force_resume = False

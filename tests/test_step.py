@@ -23,8 +23,10 @@ def test_label_smoothed_cross_entropy_equals_timm():
   assert float(ours) == pytest.approx(expected, rel=1e-6)
 
 
-def test_train_step_applies_adamw_and_ema():
+@pytest.mark.parametrize("mixup_alpha,cutmix_alpha", [(0.0, 0.0), (0.8, 1.0)])
+def test_train_step_applies_adamw_and_ema(mixup_alpha, cutmix_alpha):
   config = digits.get_config()
+  config.mixup.mixup_alpha, config.mixup.cutmix_alpha = mixup_alpha, cutmix_alpha
   config.ema_decay = 0.9
   config.model.drop_path_rate = 0.1
   model = build_model(config, num_classes=10)

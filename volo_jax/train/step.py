@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from volo_jax.train import mixup
+
 
 def soft_targets(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
   """timm's label smoothing: 1 − s + s/K on the label, s/K elsewhere."""
@@ -40,15 +42,23 @@ def make_train_step(graphdef, rng_template, tx: optax.GradientTransformation, co
   ema_decay = config.get("ema_decay", 0.0)
   base_key = jax.random.key(config.seed)
 
-  def loss_fn(model, batch):
-    logits = model(batch["image"])
-    return cross_entropy(logits, soft_targets(batch["label"], num_classes, smoothing)), logits
+  mix_config = config.get("mixup")
+  mixing = bool(mix_config) and (mix_config.mixup_alpha > 0 or mix_config.cutmix_alpha > 0)
+
+  def loss_fn(model, images, targets):
+    logits = model(images)
+    return cross_entropy(logits, targets), logits
 
   def train_step(state, batch):
-    rng_state = fresh_rng_state(rng_template, jax.random.fold_in(base_key, state["step"]))
+    step_key = jax.random.fold_in(base_key, state["step"])
+    rng_state = fresh_rng_state(rng_template, step_key)
+    images, targets = batch["image"], soft_targets(batch["label"], num_classes, smoothing)
+    if mixing:
+      mix_key = jax.random.fold_in(step_key, 2**31 - 1)  # beyond any RNG-stream index
+      images, targets = mixup.mix(mix_key, images, targets, **mix_config.to_dict())
     model = nnx.merge(graphdef, state["params"], state["batch_stats"], rng_state)
     model.train()
-    (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch)  # grads of the Params
+    (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, images, targets)  # Param grads
     batch_stats = nnx.state(model, nnx.BatchStat)  # running statistics updated by the forward
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
