@@ -82,13 +82,13 @@ class ClassAttention(nnx.Module):
     return self.proj(cls)
 
 
-class Outlooker(nnx.Module):
-  """Stage-1 block: x + outlook attention, then x + MLP, both pre-norm."""
+class _PreNormBlock(nnx.Module):
+  """x + drop_path(attn(norm1(x))), then x + drop_path(mlp(norm2(x)))."""
 
-  def __init__(self, dim: int, num_heads: int, *, mlp_ratio: float, qkv_bias: bool, attn_drop: float,
-               drop_path_rate: float, dtype, rngs: nnx.Rngs):
+  def __init__(self, dim: int, attn: nnx.Module, *, mlp_ratio: float, drop_path_rate: float, dtype,
+               rngs: nnx.Rngs):
     self.norm1 = layer_norm(dim, rngs)
-    self.attn = OutlookAttention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, dtype=dtype, rngs=rngs)
+    self.attn = attn
     self.norm2 = layer_norm(dim, rngs)
     self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
     self.drop_path = drop_path(drop_path_rate, rngs)
@@ -98,20 +98,22 @@ class Outlooker(nnx.Module):
     return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-class Transformer(nnx.Module):
-  """Stage-2 block: x + self-attention, then x + MLP, both pre-norm."""
+class Outlooker(_PreNormBlock):
+  """Stage-1 block around outlook attention."""
 
   def __init__(self, dim: int, num_heads: int, *, mlp_ratio: float, qkv_bias: bool, attn_drop: float,
                drop_path_rate: float, dtype, rngs: nnx.Rngs):
-    self.norm1 = layer_norm(dim, rngs)
-    self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, dtype=dtype, rngs=rngs)
-    self.norm2 = layer_norm(dim, rngs)
-    self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
-    self.drop_path = drop_path(drop_path_rate, rngs)
+    attn = OutlookAttention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, dtype=dtype, rngs=rngs)
+    super().__init__(dim, attn, mlp_ratio=mlp_ratio, drop_path_rate=drop_path_rate, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x):
-    x = x + self.drop_path(self.attn(self.norm1(x)))
-    return x + self.drop_path(self.mlp(self.norm2(x)))
+
+class Transformer(_PreNormBlock):
+  """Stage-2 block around multi-head self-attention."""
+
+  def __init__(self, dim: int, num_heads: int, *, mlp_ratio: float, qkv_bias: bool, attn_drop: float,
+               drop_path_rate: float, dtype, rngs: nnx.Rngs):
+    attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, dtype=dtype, rngs=rngs)
+    super().__init__(dim, attn, mlp_ratio=mlp_ratio, drop_path_rate=drop_path_rate, dtype=dtype, rngs=rngs)
 
 
 class ClassBlock(nnx.Module):
