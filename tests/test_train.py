@@ -3,6 +3,8 @@
 import glob
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -10,6 +12,8 @@ import pytest
 
 from configs import digits
 from volo_jax.train import checkpoint, loop
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="session")
@@ -89,14 +93,20 @@ def test_resuming_with_another_model_is_refused(straight_run, data_dir):
     loop.train_and_evaluate(other, workdir)
 
 
-def test_fine_tune_from_a_training_workdir_at_another_size(straight_run, data_dir, tmp_path):
+def test_train_py_fine_tunes_from_a_training_workdir_at_another_size(straight_run, data_dir, tmp_path):
+  """The command line a user runs: train.py with --config overrides, on 8 devices, starting from a workdir."""
   config, source, _ = straight_run
-  fine = tiny_config(data_dir, total_steps=1)
-  fine.model.img_size = 48
-  fine.init_from = source
-  fine.seed = 5  # a fresh init would differ from the source everywhere
   target = str(tmp_path / "fine")
-  loop.train_and_evaluate(fine, target)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  args = [sys.executable, "train.py", "--config", "configs/digits.py", "--workdir", target,
+          f"--config.data.data_dir={data_dir}", "--config.batch_size=32", "--config.mesh.fsdp=2",
+          "--config.total_steps=1", "--config.model.img_size=48", f"--config.init_from={source}",
+          "--config.seed=5"]  # a fresh init with seed 5 would differ from the source everywhere
+  result = subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO_ROOT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "initialised from" in result.stderr and "eval at step 1" in result.stderr
+  fine = tiny_config(data_dir, total_steps=1)
+  fine.model.img_size, fine.seed = 48, 5
   src, dst = _final_params(source, config), _final_params(target, fine)
   assert dst["params"]["pos_embed"].get_value().shape == (1, 3, 3, 128)
   # The fine-tune started from the source weights: the stem's first conv moved by one small step only.
