@@ -54,10 +54,12 @@ class Attention(nnx.Module):
   def __call__(self, x):
     b, h, w, c = x.shape
     qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, c // self.num_heads)  # PyTorch's (3, heads, hd)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, heads, head_dim)
-    attn = _softmax_f32(jnp.einsum("bqnd,bknd->bnqk", q, k) * self.scale, v.dtype)
-    out = jnp.einsum("bnqk,bknd->bqnd", self.attn_drop(attn), v)
-    return self.proj(out.reshape(b, h, w, c))
+    # Heads-first operands make both products plain batched matmuls; einsums over the (B, N, heads, hd)
+    # layout ran 5.6× slower on XLA:CPU (87 vs 15.6 ms at d1's stage-2 shape, batch 8).
+    q, k, v = jnp.transpose(qkv, (2, 0, 3, 1, 4))  # 3 × (B, heads, N, head_dim)
+    attn = _softmax_f32(jnp.einsum("bnqd,bnkd->bnqk", q, k) * self.scale, v.dtype)
+    out = jnp.einsum("bnqk,bnkd->bnqd", self.attn_drop(attn), v)  # (B, heads, N, head_dim)
+    return self.proj(jnp.transpose(out, (0, 2, 1, 3)).reshape(b, h, w, c))
 
 
 class ClassAttention(nnx.Module):
@@ -75,10 +77,10 @@ class ClassAttention(nnx.Module):
   def __call__(self, x):
     b, n, c = x.shape
     kv = self.kv(x).reshape(b, n, 2, self.num_heads, c // self.num_heads)  # PyTorch's (2, heads, hd)
-    k, v = kv[:, :, 0], kv[:, :, 1]  # (B, N, heads, head_dim)
+    k, v = jnp.transpose(kv, (2, 0, 3, 1, 4))  # 2 × (B, heads, N, head_dim), heads-first as in Attention
     q = self.q(x[:, :1]).reshape(b, self.num_heads, c // self.num_heads) * self.scale
-    attn = _softmax_f32(jnp.einsum("bnd,bknd->bnk", q, k), v.dtype)
-    cls = jnp.einsum("bnk,bknd->bnd", self.attn_drop(attn), v).reshape(b, 1, c)
+    attn = _softmax_f32(jnp.einsum("bnd,bnkd->bnk", q, k), v.dtype)
+    cls = jnp.einsum("bnk,bnkd->bnd", self.attn_drop(attn), v).reshape(b, 1, c)
     return self.proj(cls)
 
 
