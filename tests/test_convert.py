@@ -187,6 +187,11 @@ def test_cli_round_trip_and_predict(d1_reference, d1_checkpoint, tmp_path):
   for name, value in d1_reference.state_dict().items():
     if "num_batches" not in name:
       np.testing.assert_array_equal(back[name].numpy(), value.numpy())
+  # The converted directory is also what train.py's init_from / evaluate accept (here at another size).
+  from volo_jax.train.checkpoint import load_pretrained  # pylint: disable=import-outside-toplevel
+  model_384 = volo_jax.create_model("volo_d1", img_size=384)
+  assert load_pretrained(model_384, str(out_dir)).resized == ["pos_embed (1, 14, 14, 384) -> (1, 24, 24, 384)"]
+  np.testing.assert_array_equal(model_384.norm.scale[...], d1_reference.norm.weight.detach().numpy())
 
   from sklearn.datasets import load_sample_image  # pylint: disable=import-outside-toplevel
   from PIL import Image  # pylint: disable=import-outside-toplevel

@@ -99,10 +99,6 @@ class VOLO(nnx.Module):
       self.aux_head = L.dense(dims[-1], num_classes, dtype=dtype, rngs=rngs)
     self.mix_rngs = rngs["mix_token"].fork() if mix_token else None
 
-  @property
-  def feature_dim(self) -> int:
-    return self.cls_token.shape[-1]
-
   def forward_tokens(self, x: jax.Array) -> jax.Array:
     """Stem output (B, H/8, W/8, C0) → normalised (B, 1 + H/16·W/16, C) sequence, class token first."""
     for block in self.network[0]:

@@ -45,25 +45,18 @@ class Checkpointer:
     self.manager.close()
 
 
-def model_fields(config) -> dict:
-  return {"model": config.model.name, "img_size": config.model.img_size}
-
-
 def load_pretrained(model, path: str) -> mapping.LoadReport:
   """Fills `model` from a PyTorch file (.pth/.pth.tar/.safetensors), a `volo_jax.convert torch2flax` directory,
   or a training workdir of ours; pos_embed is resized and heads reset as the official fine-tuning loader does."""
   if flax_io.is_model_checkpoint(path):
-    meta = flax_io.read_model_json(path)
     source = flax_io.load_model_checkpoint(path)
   elif os.path.isfile(os.path.join(path, CONFIG_JSON)):
     with open(os.path.join(path, CONFIG_JSON)) as f:
-      meta = json.load(f)["model"]
-    source = _model_from_workdir(path, meta)
+      source = _model_from_workdir(path, json.load(f)["model"])
   elif os.path.isdir(path):
     raise CheckpointError(f"{path}: neither a converted weights directory nor a training workdir")
   else:
     return mapping.load_torch_weights(model, path)
-  del meta
   return mapping.load_state_dict(model, mapping.state_dict(source))
 
 

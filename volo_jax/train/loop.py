@@ -52,7 +52,8 @@ class Setup:
     self.batch_sharding = sharding.batch_sharding(self.mesh)
 
   def init_state(self, model=None):
-    model = model or build_model(self.config, self.info.num_classes)
+    if model is None:
+      model = build_model(self.config, self.info.num_classes)
     _, params, batch_stats, _ = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "batch_stats": batch_stats,
              "opt_state": self.tx.init(params)}
