@@ -20,10 +20,10 @@ from volo_jax.train import checkpoint, optim, sharding, step as step_lib
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def build_model(config, num_classes: int, seed: int | None = None):
+def build_model(config, num_classes: int):
   m = config.model
   return create_model(m.name, img_size=m.img_size, num_classes=num_classes,
-                      seed=config.seed if seed is None else seed, drop_path_rate=m.drop_path_rate,
+                      seed=config.seed, drop_path_rate=m.drop_path_rate,
                       drop_rate=m.get("drop_rate", 0.0), attn_drop_rate=m.get("attn_drop_rate", 0.0),
                       dtype=_DTYPES[m.get("dtype", "float32")])
 
