@@ -40,7 +40,7 @@ def dataset_info(config) -> DatasetInfo:
                      num_eval=b.info.splits[config.data.eval_split].num_examples)
 
 
-def _decode_train(example, seed, config):
+def decode_train(example, seed, config):
   """timm's train transform: random-resized crop (fused with the JPEG decode) with random interpolation,
   flip, RandAugment on the uint8 crop, normalise, random erasing."""
   seeds = tf.random.experimental.stateless_split(seed, 5)
@@ -92,7 +92,7 @@ def train_dataset(config, *, local_batch: int, start_step: int, process_index: i
   ds = _read(config, split, shuffle_seed=seed)
   ds = ds.repeat().shuffle(config.data.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
   ds = ds.enumerate().skip(start_step * local_batch)
-  ds = ds.map(lambda i, ex: _decode_train(ex, tf.stack([tf.constant(seed, tf.int64), i]), config),
+  ds = ds.map(lambda i, ex: decode_train(ex, tf.stack([tf.constant(seed, tf.int64), i]), config),
               num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
   return _deterministic(ds).as_numpy_iterator()

@@ -1,0 +1,434 @@
+"""Throughput benchmark: VOLO inference, the full train step and the train input pipeline, optionally against
+timm's PyTorch model on the same inputs in the same process.
+
+  python -m volo_jax.bench --model volo_d1 --img-size 224 --batch 8 --mode infer,train --compare-torch --json OUT
+
+Per case: images/s (median, min, max of --runs timed runs after --warmup), step time, compile time, FLOPs per
+image from XLA's cost analysis next to the paper's (multiply-adds ×2), achieved FLOP/s and its fraction of the
+matmul peak measured in the same run, and memory (the backend's peak where it reports one, else XLA's buffer
+assignment of the compiled step).
+"""
+
+import argparse
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+# Paper "FLOPs" (multiply-adds) per image, in G, by (variant, image size): Table 2/3 of arXiv 2106.13112.
+PAPER_GMACS = {
+    ("volo_d1", 224): 6.8, ("volo_d2", 224): 14.1, ("volo_d3", 224): 20.6, ("volo_d4", 224): 43.8,
+    ("volo_d5", 224): 69.0, ("volo_d1", 384): 22.8, ("volo_d2", 384): 46.1, ("volo_d3", 448): 67.9,
+    ("volo_d4", 448): 197.0, ("volo_d5", 448): 304.0, ("volo_d5", 512): 412.0,
+}
+MODES = ("infer", "train", "input")
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(prog="python -m volo_jax.bench", description=__doc__.split("\n")[0])
+  p.add_argument("--model", default="volo_d1", help="volo_d1 … volo_d5, volo_tiny")
+  p.add_argument("--img-size", type=int, default=224)
+  p.add_argument("--batch", type=int, default=8, help="global batch (split over all local devices)")
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  p.add_argument("--mode", default="infer,train", help="comma list of infer, train, input")
+  p.add_argument("--compare-torch", action="store_true", help="time timm's model (eager, torch.compile) too")
+  p.add_argument("--no-torch-compile", action="store_true", help="with --compare-torch: eager only")
+  p.add_argument("--scan", action="store_true", help="scan over identical blocks (stacked parameters)")
+  p.add_argument("--remat", default="none", help="rematerialisation policy: none, full, dots, dots_saveable")
+  p.add_argument("--runs", type=int, default=5, help="timed runs per case (the median is reported)")
+  p.add_argument("--warmup", type=int, default=2, help="untimed runs after compilation")
+  p.add_argument("--threads", type=int, default=0, help="PyTorch threads (0: all cores, as XLA:CPU uses)")
+  p.add_argument("--input-images", type=int, default=64, help="--mode input: distinct JPEGs, each read 4×")
+  p.add_argument("--outlook-breakdown", action="store_true",
+                 help="--mode train: time and FLOPs of the stage-1 outlook attention layers alone")
+  p.add_argument("--trace", default="", help="write a jax.profiler trace of the timed JAX runs to this dir")
+  p.add_argument("--json", default="", help="write the results here")
+  args = p.parse_args(argv)
+  args.modes = [m.strip() for m in args.mode.split(",") if m.strip()]
+  unknown = sorted(set(args.modes) - set(MODES))
+  if unknown or not args.modes:
+    p.error(f"--mode takes a comma list of {', '.join(MODES)}; got {args.mode!r}")
+  return args
+
+
+def _stats(values):
+  return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def time_runs(run, *, warmup: int, runs: int) -> list[float]:
+  """Wall seconds of `runs` calls of `run` (which must block until its work is done), after `warmup` calls."""
+  for _ in range(warmup):
+    run()
+  times = []
+  for _ in range(runs):
+    start = time.perf_counter()
+    run()
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def throughput(times: list[float], batch: int) -> dict:
+  return {"images_per_s": _stats([batch / t for t in times]), "step_time_s": _stats(times)}
+
+
+# ----------------------------------------------------------------------------------------------------- JAX
+
+def matmul_peak(dtype_name: str) -> dict:
+  """FLOP/s of a large square matmul on one device: the practical peak MFU is measured against."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  size = 2048 if jax.default_backend() == "cpu" else 8192
+  dtype = jnp.dtype(dtype_name)
+  a = jax.random.normal(jax.random.key(0), (size, size), dtype)
+  b = jax.random.normal(jax.random.key(1), (size, size), dtype)
+  matmul = jax.jit(lambda a, b: a @ b)
+  times = time_runs(lambda: matmul(a, b).block_until_ready(), warmup=2, runs=5)
+  return {"size": size, "dtype": dtype_name, "flops_per_s": 2 * size**3 / statistics.median(times)}
+
+
+def _compiled_facts(lowered) -> tuple:
+  """(compiled, compile seconds, FLOPs per call, buffer bytes of the compiled program)."""
+  start = time.perf_counter()
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - start
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  memory = compiled.memory_analysis()
+  buffer_bytes = None
+  if memory is not None:
+    buffer_bytes = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
+                    - memory.alias_size_in_bytes)
+  return compiled, compile_s, float(cost.get("flops", 0.0)) if cost else None, buffer_bytes
+
+
+def _backend_peak_bytes():
+  import jax  # pylint: disable=import-outside-toplevel
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return stats.get("peak_bytes_in_use")
+
+
+def _jax_model(args, *, train: bool):
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from volo_jax.models import create_model  # pylint: disable=import-outside-toplevel
+  extra = {"scan_blocks": True} if args.scan else {}
+  if args.remat != "none":
+    extra["remat"] = args.remat
+  return create_model(args.model, img_size=args.img_size, num_classes=1000, seed=0,
+                      drop_path_rate=args.drop_path_rate if train else 0.0,
+                      dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32, **extra)
+
+
+def _images(args):
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  return np.random.default_rng(0).standard_normal((args.batch, args.img_size, args.img_size, 3)).astype("float32")
+
+
+def jax_infer(args) -> dict:
+  """The eval forward (class + aux head), jitted over the split model state, data parallel over local devices."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  mesh = jax.make_mesh((jax.local_device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  model = _jax_model(args, train=False)
+  model.eval()
+  graphdef, state = nnx.split(model)
+  images = jax.device_put(_images(args), jax.NamedSharding(mesh, jax.P("data")))
+  state = jax.device_put(state, jax.NamedSharding(mesh, jax.P()))
+  forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+  compiled, compile_s, flops, buffer_bytes = _compiled_facts(forward.lower(state, images))
+  times = _timed(args, lambda: compiled(state, images).block_until_ready())
+  return dict(throughput(times, args.batch), compile_time_s=compile_s, flops_per_call=flops,
+              compiled_buffer_bytes=buffer_bytes)
+
+
+def _train_config(args):
+  """The experiment's recipe when it has one (drop path, optimizer), else the common defaults."""
+  from configs import common, imagenet  # pylint: disable=import-outside-toplevel
+  name = f"{args.model}_{args.img_size}"
+  config = imagenet.get_config(name) if name in imagenet.EXPERIMENTS else common.base_config()
+  config.model.name, config.model.img_size, config.model.dtype = args.model, args.img_size, args.dtype
+  config.ema_decay = 0.0
+  return config
+
+
+def jax_train(args) -> dict:
+  """One full train step as the trainer runs it: forward, backward, AdamW, donated state, data parallel."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from volo_jax.train import optim, step as step_lib  # pylint: disable=import-outside-toplevel
+  config = _train_config(args)
+  mesh = jax.make_mesh((jax.local_device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  model = _jax_model(args, train=True)
+  graphdef, params, batch_stats, rng_template = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+  tx = optim.make_optimizer(config, steps_per_epoch=1000)
+  replicated = jax.NamedSharding(mesh, jax.P())
+  state = jax.device_put({"step": jnp.zeros((), jnp.int32), "params": params, "batch_stats": batch_stats,
+                          "opt_state": tx.init(params)}, replicated)
+  data = jax.NamedSharding(mesh, jax.P("data"))
+  batch = {"image": jax.device_put(_images(args), data),
+           "label": jax.device_put(jnp.arange(args.batch, dtype=jnp.int32) % 1000, data)}
+  step = jax.jit(step_lib.make_train_step(graphdef, rng_template, tx, config, 1000), donate_argnums=0)
+  compiled, compile_s, flops, buffer_bytes = _compiled_facts(step.lower(state, batch))
+  holder = [state]
+
+  def run():
+    holder[0], metrics = compiled(holder[0], batch)
+    metrics["loss"].block_until_ready()
+
+  times = _timed(args, run)
+  result = dict(throughput(times, args.batch), compile_time_s=compile_s, flops_per_call=flops,
+                compiled_buffer_bytes=buffer_bytes)
+  if args.outlook_breakdown:
+    result["outlook_attention"] = outlook_share(args, result)
+  return result
+
+
+def outlook_share(args, step_result) -> dict:
+  """Forward + backward of the stage-1 outlook attention layers alone, as a share of the whole train step."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from volo_jax.models.outlook import OutlookAttention  # pylint: disable=import-outside-toplevel
+  from volo_jax.models.volo import PATCH_SIZE, VARIANTS, parse_model_name  # pylint: disable=import-outside-toplevel
+  variant = VARIANTS[parse_model_name(args.model)[0]]
+  dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+  graphdef, state = nnx.split(OutlookAttention(variant.embed_dims[0], variant.num_heads[0], dtype=dtype,
+                                               rngs=nnx.Rngs(0)))
+  side = args.img_size // PATCH_SIZE  # stage 1 runs on the stride-8 map
+  x = jax.random.normal(jax.random.key(0), (args.batch, side, side, variant.embed_dims[0]), dtype)
+  grad = jax.jit(jax.grad(lambda s, x: (nnx.merge(graphdef, s)(x).astype(jnp.float32) ** 2).sum(),
+                          argnums=(0, 1)))
+  compiled, _, flops, _ = _compiled_facts(grad.lower(state, x))
+  layer_s = statistics.median(time_runs(lambda: jax.block_until_ready(compiled(state, x)), warmup=args.warmup,
+                                        runs=args.runs))
+  blocks, step_flops = variant.layers[0], step_result["flops_per_call"]
+  return {"blocks": blocks, "fwd_bwd_time_s_per_layer": layer_s, "fwd_bwd_flops_per_layer": flops,
+          "time_share": blocks * layer_s / step_result["step_time_s"]["median"],
+          "flops_share": blocks * flops / step_flops if flops and step_flops else None}
+
+
+def _timed(args, run) -> list[float]:
+  if not args.trace:
+    return time_runs(run, warmup=args.warmup, runs=args.runs)
+  import jax  # pylint: disable=import-outside-toplevel
+  for _ in range(args.warmup):
+    run()
+  with jax.profiler.trace(args.trace):
+    return time_runs(run, warmup=0, runs=args.runs)
+
+
+# ------------------------------------------------------------------------------------------------- PyTorch
+
+def torch_cases(args, mode: str) -> list[dict]:
+  """timm's VOLO on the same inputs: eager, then torch.compile (its error recorded when it fails here)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import timm  # pylint: disable=import-outside-toplevel
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+  model_kw = dict(img_size=args.img_size, num_classes=1000)
+  if mode == "train":
+    model_kw["drop_path_rate"] = args.drop_path_rate
+  model = timm.create_model(f"{args.model}_224", **model_kw).to(device)  # img_size sets the size
+  images = torch.from_numpy(_images(args)).permute(0, 3, 1, 2).contiguous().to(device)
+  labels = torch.arange(args.batch, device=device) % 1000
+  autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+  optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+  config = _train_config(args)
+
+  def make_run(net):
+    def infer():
+      with torch.no_grad(), autocast:
+        net(images)
+      sync()
+
+    def train():
+      optimizer.zero_grad(set_to_none=True)
+      with autocast:
+        loss = torch.nn.functional.cross_entropy(net(images).float(), labels,
+                                                 label_smoothing=config.label_smoothing)
+      loss.backward()
+      optimizer.step()
+      sync()
+    return infer if mode == "infer" else train
+
+  model.train(mode == "train")
+  variants = [("torch_eager", model)]
+  if not args.no_torch_compile:
+    variants.append(("torch_compile", None))
+  results = []
+  for framework, net in variants:
+    case = {"framework": framework}
+    try:
+      compile_s = None
+      if net is None:
+        net = torch.compile(model)
+        start = time.perf_counter()
+        make_run(net)()  # compiles
+        compile_s = time.perf_counter() - start
+      if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+      times = time_runs(make_run(net), warmup=args.warmup, runs=args.runs)
+      case.update(throughput(times, args.batch), compile_time_s=compile_s,
+                  peak_memory_bytes=torch.cuda.max_memory_allocated() if device == "cuda" else None)
+    except Exception as e:  # pylint: disable=broad-except  # torch.compile needs a toolchain; record why not
+      case["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+    results.append(case)
+  return results
+
+
+# --------------------------------------------------------------------------------------------- input pipeline
+
+def sample_jpegs(count: int) -> list[bytes]:
+  """ImageNet-sized JPEGs (≈500×375, quality 90) made from scikit-learn's two bundled photographs."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from sklearn.datasets import load_sample_image  # pylint: disable=import-outside-toplevel
+  photos = [load_sample_image(name) for name in ("china.jpg", "flower.jpg")]
+  blobs = []
+  for i in range(count):
+    size = (375 + 2 * (i % 50), 500 + 3 * (i % 50))
+    image = tf.image.resize(photos[i % 2], size, antialias=True)
+    image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+    blobs.append(tf.io.encode_jpeg(image, quality=90).numpy())
+  return blobs
+
+
+def input_cases(args, compare_torch: bool) -> list[dict]:
+  """Train transform images/s on one CPU core: our tf.data map vs timm's PIL/torchvision transform."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from volo_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  config = _train_config(args)
+  blobs = sample_jpegs(args.input_images)
+  count = 4 * len(blobs)
+  ds = tf.data.Dataset.from_tensor_slices({"image": blobs, "label": np.zeros(len(blobs), np.int64)})
+  ds = ds.repeat(4).enumerate().map(
+      lambda i, ex: pipeline.decode_train(ex, tf.stack([tf.constant(0, tf.int64), i]), config),
+      num_parallel_calls=1)
+  options = tf.data.Options()
+  options.threading.private_threadpool_size = 1
+  options.threading.max_intra_op_parallelism = 1
+  options.autotune.enabled = False
+  ds = ds.with_options(options)
+
+  def ours():
+    for _ in ds:
+      pass
+
+  results = [dict({"framework": "jax_tf_data"}, **throughput(time_runs(ours, warmup=1, runs=args.runs), count))]
+  if compare_torch:
+    import timm.data  # pylint: disable=import-outside-toplevel
+    import torch  # pylint: disable=import-outside-toplevel
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+    torch.set_num_threads(1)
+    d = config.data
+    transform = timm.data.create_transform(args.img_size, is_training=True, auto_augment=d.randaugment or None,
+                                           re_prob=d.random_erase, interpolation="random")
+
+    def theirs():
+      for _ in range(4):
+        for blob in blobs:
+          transform(Image.open(io.BytesIO(blob)).convert("RGB"))
+
+    results.append(dict({"framework": "torch_pil"}, **throughput(time_runs(theirs, warmup=1, runs=args.runs),
+                                                                  count)))
+  for case in results:
+    case["per_core"] = True
+  return results
+
+
+# ------------------------------------------------------------------------------------------------- driver
+
+def _finish_case(case: dict, args, mode: str, peak: dict | None) -> dict:
+  """Adds the model facts, FLOPs per image, FLOP/s and MFU to a timed case."""
+  base = {"mode": mode, "model": args.model, "img_size": args.img_size, "batch": args.batch, "dtype": args.dtype,
+          "scan": args.scan, "remat": args.remat}
+  case = dict(base, **case)
+  gmacs = PAPER_GMACS.get((args.model, args.img_size))
+  # The paper counts one image's forward; a train step is ≈3× its forward (backward ≈ 2× forward).
+  paper = gmacs * 2e9 * (3 if mode == "train" else 1) if gmacs else None
+  case["paper_flops_per_image"] = paper
+  per_call = case.pop("flops_per_call", None)
+  case["flops_per_image"] = per_call / args.batch if per_call else None
+  flops_per_image = case["flops_per_image"] or paper
+  if "images_per_s" in case and flops_per_image and mode != "input":
+    case["flops_per_s"] = flops_per_image * case["images_per_s"]["median"]
+    case["mfu"] = case["flops_per_s"] / (peak["flops_per_s"] * peak["devices"]) if peak else None
+  return case
+
+
+def run(args) -> dict:
+  if args.compare_torch:
+    import torch  # pylint: disable=import-outside-toplevel  # before TensorFlow: the reverse order can crash
+    import torchvision  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    torch.set_num_threads(args.threads or os.cpu_count())
+  import jax  # pylint: disable=import-outside-toplevel
+  args.drop_path_rate = _train_config(args).model.drop_path_rate
+  peak = None
+  if {"infer", "train"} & set(args.modes):
+    peak = dict(matmul_peak(args.dtype), devices=jax.local_device_count())
+  cases = []
+  for mode in args.modes:
+    if mode == "input":
+      cases += [_finish_case(c, args, mode, peak) for c in input_cases(args, args.compare_torch)]
+      continue
+    jax_case = dict(framework="jax", **(jax_infer(args) if mode == "infer" else jax_train(args)))
+    jax_case["peak_memory_bytes"] = _backend_peak_bytes()
+    mode_cases = [jax_case] + (torch_cases(args, mode) if args.compare_torch else [])
+    for other in mode_cases[1:]:
+      if "images_per_s" in other:
+        jax_case[f"speedup_vs_{other['framework']}"] = (jax_case["images_per_s"]["median"]
+                                                        / other["images_per_s"]["median"])
+    cases += [_finish_case(c, args, mode, peak) for c in mode_cases]
+  return {"machine": machine_facts(args), "matmul_peak": peak, "cases": cases}
+
+
+def machine_facts(args) -> dict:
+  import jax  # pylint: disable=import-outside-toplevel
+  facts = {"backend": jax.default_backend(), "device_kind": jax.local_devices()[0].device_kind,
+           "local_devices": jax.local_device_count(), "cpu_count": os.cpu_count(),
+           "platform": platform.platform(), "jax": jax.__version__}
+  if args.compare_torch:
+    import torch  # pylint: disable=import-outside-toplevel
+    facts.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
+  return facts
+
+
+def format_table(results: dict) -> str:
+  header = f"{'mode':6} {'framework':14} {'img/s med':>10} {'min':>8} {'max':>8} {'step ms':>9} " \
+           f"{'compile s':>9} {'GFLOP/img':>9} {'MFU':>6} {'ratio':>6}"
+  lines = [header, "-" * len(header)]
+  for c in results["cases"]:
+    if "error" in c:
+      lines.append(f"{c['mode']:6} {c['framework']:14} {c['error']}")
+      continue
+    ips, ratio = c["images_per_s"], c.get("speedup_vs_torch_eager")
+    flops = c.get("flops_per_image")
+    lines.append(
+        f"{c['mode']:6} {c['framework']:14} {ips['median']:10.2f} {ips['min']:8.2f} {ips['max']:8.2f} "
+        f"{c['step_time_s']['median'] * 1e3:9.1f} "
+        f"{c['compile_time_s'] if c.get('compile_time_s') is not None else float('nan'):9.1f} "
+        f"{flops / 1e9 if flops else float('nan'):9.2f} "
+        f"{c['mfu'] if c.get('mfu') is not None else float('nan'):6.1%} "
+        f"{ratio if ratio else float('nan'):6.2f}")
+  peak = results["matmul_peak"]
+  if peak:
+    lines.append(f"matmul peak ({peak['dtype']}, {peak['size']}², per device): {peak['flops_per_s'] / 1e9:.1f} "
+                 f"GFLOP/s; ratio = JAX images/s ÷ PyTorch eager images/s")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  results = run(args)
+  print(format_table(results))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(results, f, indent=1)
+  return results
+
+
+if __name__ == "__main__":
+  main()
