@@ -323,6 +323,7 @@ def input_cases(args, compare_torch: bool) -> list[dict]:
     import torch  # pylint: disable=import-outside-toplevel
     from PIL import Image  # pylint: disable=import-outside-toplevel
     torch.set_num_threads(1)
+    _allow_zero_bit_posterize()
     d = config.data
     transform = timm.data.create_transform(args.img_size, is_training=True, auto_augment=d.randaugment or None,
                                            re_prob=d.random_erase, interpolation="random")
@@ -337,6 +338,21 @@ def input_cases(args, compare_torch: bool) -> list[dict]:
   for case in results:
     case["per_core"] = True
   return results
+
+
+def _allow_zero_bit_posterize():
+  """timm's PosterizeIncreasing reaches 0 bits at magnitude 10, which Pillow ≥ 10 rejects (older Pillow returned
+  a black image); restore the old result so timm's transform runs through a whole benchmark."""
+  from PIL import Image, ImageOps  # pylint: disable=import-outside-toplevel
+  posterize = ImageOps.posterize
+  if getattr(posterize, "allows_zero_bits", False):
+    return
+
+  def posterize_any_bits(image, bits):
+    return Image.new(image.mode, image.size) if bits == 0 else posterize(image, bits)
+
+  posterize_any_bits.allows_zero_bits = True
+  ImageOps.posterize = posterize_any_bits
 
 
 # ------------------------------------------------------------------------------------------------- driver

@@ -68,9 +68,12 @@ def random_erasing(image, seed, probability=0.25, min_area=0.02, max_area=1 / 3,
   h, w = h[first], w[first]
   top = _randint_inclusive(seeds[2], 0, height - h)
   left = _randint_inclusive(seeds[3], 0, width - w)
-  rows = tf.range(height)[:, None]
-  cols = tf.range(width)[None, :]
-  box = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
-  erase = box & tf.reduce_any(fits) & (_uniform(seeds[4]) < probability)
-  noise = tf.random.stateless_normal(tf.shape(image), seeds[5], dtype=image.dtype)
-  return tf.where(erase[:, :, None], noise, image)
+  erase = tf.reduce_any(fits) & (_uniform(seeds[4]) < probability)
+
+  def paste_noise():  # noise is drawn only for erased images, only for the box, then padded to the image size
+    noise = tf.random.stateless_normal(tf.stack([h, w, shape[2]]), seeds[5], dtype=image.dtype)
+    padding = [[top, height - top - h], [left, width - left - w], [0, 0]]
+    box = tf.pad(tf.ones((h, w, 1), tf.bool), padding)
+    return tf.where(box, tf.pad(noise, padding), image)
+
+  return tf.cond(erase, paste_noise, lambda: image)
