@@ -60,13 +60,21 @@ def _stats(values):
 
 def time_runs(run, *, warmup: int, runs: int) -> list[float]:
   """Wall seconds of `runs` calls of `run` (which must block until its work is done), after `warmup` calls."""
+  return interleaved_times([run], warmup=warmup, runs=runs)[0]
+
+
+def interleaved_times(runs_to_time, *, warmup: int, runs: int) -> list[list[float]]:
+  """Times several runners round-robin (a, b, a, b, …), so that a load change on a shared machine hits all of
+  them alike and their ratio stays meaningful."""
   for _ in range(warmup):
-    run()
-  times = []
+    for run in runs_to_time:
+      run()
+  times = [[] for _ in runs_to_time]
   for _ in range(runs):
-    start = time.perf_counter()
-    run()
-    times.append(time.perf_counter() - start)
+    for run, record in zip(runs_to_time, times):
+      start = time.perf_counter()
+      run()
+      record.append(time.perf_counter() - start)
   return times
 
 
@@ -110,6 +118,12 @@ def _backend_peak_bytes():
   return stats.get("peak_bytes_in_use")
 
 
+def _torch_peak_bytes():
+  """PyTorch's CUDA allocator peak (all its cases together); None on CPU, where it keeps no such count."""
+  import torch  # pylint: disable=import-outside-toplevel
+  return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+
+
 def _jax_model(args, *, train: bool):
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from volo_jax.models import create_model  # pylint: disable=import-outside-toplevel
@@ -126,7 +140,7 @@ def _images(args):
   return np.random.default_rng(0).standard_normal((args.batch, args.img_size, args.img_size, 3)).astype("float32")
 
 
-def jax_infer(args) -> dict:
+def jax_infer(args) -> tuple[dict, callable]:
   """The eval forward (class + aux head), jitted over the split model state, data parallel over local devices."""
   import jax  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
@@ -138,9 +152,8 @@ def jax_infer(args) -> dict:
   state = jax.device_put(state, jax.NamedSharding(mesh, jax.P()))
   forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
   compiled, compile_s, flops, buffer_bytes = _compiled_facts(forward.lower(state, images))
-  times = _timed(args, lambda: compiled(state, images).block_until_ready())
-  return dict(throughput(times, args.batch), compile_time_s=compile_s, flops_per_call=flops,
-              compiled_buffer_bytes=buffer_bytes)
+  facts = dict(compile_time_s=compile_s, flops_per_call=flops, compiled_buffer_bytes=buffer_bytes)
+  return facts, lambda: compiled(state, images).block_until_ready()
 
 
 def _train_config(args):
@@ -153,7 +166,7 @@ def _train_config(args):
   return config
 
 
-def jax_train(args) -> dict:
+def jax_train(args) -> tuple[dict, callable]:
   """One full train step as the trainer runs it: forward, backward, AdamW, donated state, data parallel."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
@@ -178,12 +191,7 @@ def jax_train(args) -> dict:
     holder[0], metrics = compiled(holder[0], batch)
     metrics["loss"].block_until_ready()
 
-  times = _timed(args, run)
-  result = dict(throughput(times, args.batch), compile_time_s=compile_s, flops_per_call=flops,
-                compiled_buffer_bytes=buffer_bytes)
-  if args.outlook_breakdown:
-    result["outlook_attention"] = outlook_share(args, result)
-  return result
+  return dict(compile_time_s=compile_s, flops_per_call=flops, compiled_buffer_bytes=buffer_bytes), run
 
 
 def outlook_share(args, step_result) -> dict:
@@ -210,20 +218,11 @@ def outlook_share(args, step_result) -> dict:
           "flops_share": blocks * flops / step_flops if flops and step_flops else None}
 
 
-def _timed(args, run) -> list[float]:
-  if not args.trace:
-    return time_runs(run, warmup=args.warmup, runs=args.runs)
-  import jax  # pylint: disable=import-outside-toplevel
-  for _ in range(args.warmup):
-    run()
-  with jax.profiler.trace(args.trace):
-    return time_runs(run, warmup=0, runs=args.runs)
-
-
 # ------------------------------------------------------------------------------------------------- PyTorch
 
-def torch_cases(args, mode: str) -> list[dict]:
-  """timm's VOLO on the same inputs: eager, then torch.compile (its error recorded when it fails here)."""
+def torch_runners(args, mode: str) -> list[tuple[dict, callable]]:
+  """timm's VOLO on the same inputs, eager and torch.compile'd: (facts, run) pairs; a failed torch.compile
+  gives (facts with its error, None)."""
   import torch  # pylint: disable=import-outside-toplevel
   import timm  # pylint: disable=import-outside-toplevel
   device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -255,28 +254,19 @@ def torch_cases(args, mode: str) -> list[dict]:
     return infer if mode == "infer" else train
 
   model.train(mode == "train")
-  variants = [("torch_eager", model)]
+  runners = [({"framework": "torch_eager", "compile_time_s": None}, make_run(model))]
   if not args.no_torch_compile:
-    variants.append(("torch_compile", None))
-  results = []
-  for framework, net in variants:
-    case = {"framework": framework}
+    case = {"framework": "torch_compile"}
     try:
-      compile_s = None
-      if net is None:
-        net = torch.compile(model)
-        start = time.perf_counter()
-        make_run(net)()  # compiles
-        compile_s = time.perf_counter() - start
-      if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-      times = time_runs(make_run(net), warmup=args.warmup, runs=args.runs)
-      case.update(throughput(times, args.batch), compile_time_s=compile_s,
-                  peak_memory_bytes=torch.cuda.max_memory_allocated() if device == "cuda" else None)
+      compiled_run = make_run(torch.compile(model))
+      start = time.perf_counter()
+      compiled_run()  # compiles
+      case["compile_time_s"] = time.perf_counter() - start
+      runners.append((case, compiled_run))
     except Exception as e:  # pylint: disable=broad-except  # torch.compile needs a toolchain; record why not
       case["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-    results.append(case)
-  return results
+      runners.append((case, None))
+  return runners
 
 
 # --------------------------------------------------------------------------------------------- input pipeline
@@ -317,7 +307,7 @@ def input_cases(args, compare_torch: bool) -> list[dict]:
     for _ in ds:
       pass
 
-  results = [dict({"framework": "jax_tf_data"}, **throughput(time_runs(ours, warmup=1, runs=args.runs), count))]
+  runners = [({"framework": "jax_tf_data"}, ours)]
   if compare_torch:
     import timm.data  # pylint: disable=import-outside-toplevel
     import torch  # pylint: disable=import-outside-toplevel
@@ -333,8 +323,12 @@ def input_cases(args, compare_torch: bool) -> list[dict]:
         for blob in blobs:
           transform(Image.open(io.BytesIO(blob)).convert("RGB"))
 
-    results.append(dict({"framework": "torch_pil"}, **throughput(time_runs(theirs, warmup=1, runs=args.runs),
-                                                                  count)))
+    runners.append(({"framework": "torch_pil"}, theirs))
+  all_times = interleaved_times([run for _, run in runners], warmup=1, runs=args.runs)
+  results = [dict(facts, **throughput(times, count)) for (facts, _), times in zip(runners, all_times)]
+  if compare_torch:
+    results[0]["speedup_vs_torch_pil"] = (results[0]["images_per_s"]["median"]
+                                          / results[1]["images_per_s"]["median"])
   for case in results:
     case["per_core"] = True
   return results
@@ -390,15 +384,32 @@ def run(args) -> dict:
     if mode == "input":
       cases += [_finish_case(c, args, mode, peak) for c in input_cases(args, args.compare_torch)]
       continue
-    jax_case = dict(framework="jax", **(jax_infer(args) if mode == "infer" else jax_train(args)))
+    jax_facts, jax_run = jax_infer(args) if mode == "infer" else jax_train(args)
+    runners = [(dict(framework="jax", **jax_facts), jax_run)]
+    runners += torch_runners(args, mode) if args.compare_torch else []
+    timed = [(facts, run) for facts, run in runners if run is not None]
+    with _maybe_trace(args.trace):
+      all_times = interleaved_times([run for _, run in timed], warmup=args.warmup, runs=args.runs)
+    for (facts, _), times in zip(timed, all_times):
+      facts.update(throughput(times, args.batch))
+    jax_case = runners[0][0]
     jax_case["peak_memory_bytes"] = _backend_peak_bytes()
-    mode_cases = [jax_case] + (torch_cases(args, mode) if args.compare_torch else [])
-    for other in mode_cases[1:]:
-      if "images_per_s" in other:
-        jax_case[f"speedup_vs_{other['framework']}"] = (jax_case["images_per_s"]["median"]
-                                                        / other["images_per_s"]["median"])
-    cases += [_finish_case(c, args, mode, peak) for c in mode_cases]
+    for facts, _ in timed[1:]:
+      facts["peak_memory_bytes"] = _torch_peak_bytes()
+    if mode == "train" and args.outlook_breakdown:
+      jax_case["outlook_attention"] = outlook_share(args, jax_case)
+    for other, _ in timed[1:]:
+      jax_case[f"speedup_vs_{other['framework']}"] = (jax_case["images_per_s"]["median"]
+                                                      / other["images_per_s"]["median"])
+    cases += [_finish_case(facts, args, mode, peak) for facts, _ in runners]
   return {"machine": machine_facts(args), "matmul_peak": peak, "cases": cases}
+
+
+def _maybe_trace(trace_dir: str):
+  """A jax.profiler trace of the timed runs when asked for (view it in TensorBoard / Perfetto)."""
+  import contextlib  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  return jax.profiler.trace(trace_dir) if trace_dir else contextlib.nullcontext()
 
 
 def machine_facts(args) -> dict:
@@ -420,7 +431,8 @@ def format_table(results: dict) -> str:
     if "error" in c:
       lines.append(f"{c['mode']:6} {c['framework']:14} {c['error']}")
       continue
-    ips, ratio = c["images_per_s"], c.get("speedup_vs_torch_eager")
+    ips = c["images_per_s"]
+    ratio = c.get("speedup_vs_torch_eager", c.get("speedup_vs_torch_pil"))
     flops = c.get("flops_per_image")
     lines.append(
         f"{c['mode']:6} {c['framework']:14} {ips['median']:10.2f} {ips['min']:8.2f} {ips['max']:8.2f} "
@@ -432,7 +444,7 @@ def format_table(results: dict) -> str:
   peak = results["matmul_peak"]
   if peak:
     lines.append(f"matmul peak ({peak['dtype']}, {peak['size']}², per device): {peak['flops_per_s'] / 1e9:.1f} "
-                 f"GFLOP/s; ratio = JAX images/s ÷ PyTorch eager images/s")
+                 f"GFLOP/s; ratio = JAX images/s ÷ PyTorch eager (input: PIL) images/s, timed in alternation")
   return "\n".join(lines)
 
 
