@@ -14,13 +14,15 @@ from volo_jax.models import create_model
 _STATS = {"median", "min", "max"}
 
 
-def _check_case(case: dict):
+def _check_case(case: dict, input_images: int):
   for key in ("mode", "framework", "model", "img_size", "batch", "dtype", "scan", "remat", "paper_flops_per_image"):
     assert key in case, key
   assert set(case["images_per_s"]) == _STATS and set(case["step_time_s"]) == _STATS
   ips, step = case["images_per_s"], case["step_time_s"]
   assert 0 < ips["min"] <= ips["median"] <= ips["max"]
-  assert ips["median"] == pytest.approx(case["batch"] / step["median"], rel=1e-6) or case["mode"] == "input"
+  images = case["batch"] if case["mode"] != "input" else 4 * input_images  # each JPEG is read 4 times
+  assert ips["median"] == pytest.approx(images / step["median"], rel=1e-9)
+  assert ips["min"] == pytest.approx(images / step["max"], rel=1e-9)
   if case["framework"] == "jax" and case["mode"] != "input":
     assert case["compile_time_s"] > 0 and case["flops_per_image"] > 0 and case["compiled_buffer_bytes"] > 0
     assert case["flops_per_s"] == pytest.approx(case["flops_per_image"] * ips["median"])
@@ -28,9 +30,10 @@ def _check_case(case: dict):
     assert "peak_memory_bytes" in case
 
 
+@pytest.mark.slow
 def test_bench_writes_every_case_to_json(tmp_path):
   out = tmp_path / "bench.json"
-  returned = bench.main(["--model", "volo_d1", "--img-size", "32", "--batch", "2", "--mode", "infer,train,input",
+  returned = bench.main(["--model", "volo_d1", "--img-size", "32", "--batch", "8", "--mode", "infer,train,input",
                          "--compare-torch", "--no-torch-compile", "--runs", "2", "--warmup", "1",
                          "--input-images", "4", "--outlook-breakdown", "--json", str(out)])
   results = json.loads(out.read_text())
@@ -41,14 +44,13 @@ def test_bench_writes_every_case_to_json(tmp_path):
   assert set(cases) == {("infer", "jax"), ("infer", "torch_eager"), ("train", "jax"), ("train", "torch_eager"),
                         ("input", "jax_tf_data"), ("input", "torch_pil")}
   for case in cases.values():
-    _check_case(case)
+    _check_case(case, input_images=4)
   for mode in ("infer", "train"):
     jax_case, torch_case = cases[(mode, "jax")], cases[(mode, "torch_eager")]
     assert jax_case["speedup_vs_torch_eager"] == pytest.approx(
         jax_case["images_per_s"]["median"] / torch_case["images_per_s"]["median"])
-  # The train step's FLOPs ≈ 3× the forward's (backward ≈ 2 forwards), both from XLA's cost analysis.
-  ratio = cases[("train", "jax")]["flops_per_image"] / cases[("infer", "jax")]["flops_per_image"]
-  assert 2.5 < ratio < 3.6
+  # A train step costs ≥ 3 forwards (backward ≈ 2 forwards, plus AdamW, large next to a 32-pixel forward).
+  assert cases[("train", "jax")]["flops_per_image"] > 2.5 * cases[("infer", "jax")]["flops_per_image"]
   share = cases[("train", "jax")]["outlook_attention"]
   assert share["blocks"] == 4 and 0 < share["flops_share"] < 1 and share["time_share"] > 0
 

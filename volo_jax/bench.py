@@ -78,8 +78,11 @@ def interleaved_times(runs_to_time, *, warmup: int, runs: int) -> list[list[floa
   return times
 
 
-def throughput(times: list[float], batch: int) -> dict:
-  return {"images_per_s": _stats([batch / t for t in times]), "step_time_s": _stats(times)}
+def throughput(times: list[float], images: int) -> dict:
+  """images/s as `images` ÷ the median, slowest and fastest run, next to those times."""
+  step = _stats(times)
+  return {"images_per_s": {"median": images / step["median"], "min": images / step["max"],
+                           "max": images / step["min"]}, "step_time_s": step}
 
 
 # ----------------------------------------------------------------------------------------------------- JAX
@@ -375,6 +378,8 @@ def run(args) -> dict:
     import torchvision  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
     torch.set_num_threads(args.threads or os.cpu_count())
   import jax  # pylint: disable=import-outside-toplevel
+  if args.batch % jax.local_device_count():
+    raise SystemExit(f"--batch {args.batch} does not divide over the {jax.local_device_count()} local devices")
   args.drop_path_rate = _train_config(args).model.drop_path_rate
   peak = None
   if {"infer", "train"} & set(args.modes):
