@@ -1,0 +1,29 @@
+"""layers.conv2d: the im2col-matmul convolution XLA:CPU uses equals XLA's native convolution, values and grads."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from volo_jax.models import layers as L
+
+
+@pytest.mark.parametrize("kernel,stride,padding,bias", [(7, 2, 3, False), (3, 1, 1, False), (4, 4, 0, True),
+                                                        (2, 2, 0, True)])
+def test_conv_as_patch_matmul_equals_native_convolution(kernel, stride, padding, bias):
+  conv = nnx.Conv(8, 16, (kernel, kernel), strides=stride, use_bias=bias, rngs=nnx.Rngs(0),
+                  padding=((padding, padding), (padding, padding)) if padding else "VALID")
+  x = jax.random.normal(jax.random.key(1), (2, 24, 24, 8))
+  graphdef, state = nnx.split(conv)
+
+  def loss(state, x, as_matmul):
+    out = L.conv2d(x, nnx.merge(graphdef, state), as_matmul=as_matmul)
+    return (out * jnp.arange(out.size, dtype=out.dtype).reshape(out.shape) / out.size).sum(), out
+
+  (_, ours), ours_grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(state, x, True)
+  (_, native), native_grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(state, x, False)
+  assert ours.shape == native.shape
+  np.testing.assert_allclose(ours, native, atol=1e-5 * float(jnp.abs(native).max()))
+  for a, b in zip(jax.tree.leaves(ours_grads), jax.tree.leaves(native_grads)):
+    np.testing.assert_allclose(a, b, atol=1e-5 * float(jnp.abs(b).max()))
