@@ -132,3 +132,32 @@ def test_loss_equals_tlt_token_label_cross_entropy(ground_truth, box):
   ours = token_label.token_label_loss(jnp.asarray(cls_logits), jnp.asarray(aux_logits), jnp.asarray(box),
                                       targets, dense_weight=0.5, cls_weight=1.0, ground_truth=ground_truth)
   assert float(ours) == pytest.approx(expected, rel=2e-6)
+
+
+@pytest.mark.parametrize("ops", [("Rotate",), ("ShearX",), ("ShearY",), ("TranslateXRel",), ("TranslateYRel",),
+                                 ("Rotate", "ShearY")])
+def test_warped_targets_follow_randaugment_geometry(ops):
+  """Each token's warped target points where the RandAugment-ed image's pixels at that token came from
+  (the image ops are tested against timm in test_randaugment.py): position-coded image vs position-coded
+  target on a 16×16 grid of 4-pixel tokens, ops composed in order as rand_augment composes them."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from volo_jax.data import randaugment  # pylint: disable=import-outside-toplevel
+  size, grid = 64, 16
+  x = (np.arange(size) + 0.5) / size * 255
+  image = np.stack(np.broadcast_arrays(x[None, :], x[:, None], np.full((size, size), 128.0)), -1)
+  image, matrix = tf.constant(np.round(image), tf.float32), tf.eye(3)
+  for i, name in enumerate(ops):
+    op, negate = tf.constant(randaugment.OP_NAMES.index(name)), tf.constant(i % 2 == 0)
+    image = randaugment.apply_op(image, op, tf.constant(6.0), negate)
+    matrix = matrix @ randaugment.op_matrix(op, tf.constant(6.0), negate)
+  blocks = image.numpy().reshape(grid, size // grid, grid, size // grid, 3)
+  filled = (blocks[..., 2] != 128).any(axis=(1, 3))  # blocks that hold fill colour (blue 104)
+  from_image = blocks.mean(axis=(1, 3))[..., :2] / 255  # (x, y) of each token's pixels before the ops
+  tokens = 10 * np.eye(grid * grid, dtype=np.float32).reshape(1, grid, grid, grid * grid)  # class = p·16 + q
+  warped = np.asarray(token_label.warp_tokens(jnp.asarray(tokens), jnp.asarray(matrix.numpy())[None]))[0]
+  outside = (warped == 0).all(-1)
+  cell = warped.argmax(-1)
+  from_target = (np.stack([cell % grid, cell // grid], -1) + 0.5) / grid
+  inside = ~filled & ~outside
+  assert inside.sum() > 100 and (outside <= filled).all()  # tokens from outside the image are filled ones
+  assert np.abs(from_target - from_image)[inside].max() < 0.6 / grid  # the nearest token: ½ token + rounding

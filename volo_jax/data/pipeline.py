@@ -44,8 +44,9 @@ def _decode_train(example, seed, config, labels=None):
   """timm's train transform: random-resized crop (fused with the JPEG decode) with random interpolation,
   flip, RandAugment on the uint8 crop, normalise, random erasing.
 
-  With a token-label store, the example also carries its label map and what the target builder needs to crop
-  and flip it like the image: the crop box (top, left, h, w) as fractions of the image, and the flip.
+  With a token-label store, the example also carries its label map and what the target builder needs to crop,
+  flip and warp it like the image: the crop box (top, left, h, w) as fractions of the image, the flip, and the
+  3×3 output → input map of RandAugment's geometric ops in coordinates normalised to the crop.
   """
   seeds = tf.random.experimental.stateless_split(seed, 5)
   image_bytes = example["image"]
@@ -56,11 +57,12 @@ def _decode_train(example, seed, config, labels=None):
   image = tf.image.decode_and_crop_jpeg(image_bytes, tf.stack([top, left, h, w]), channels=3)
   image = augment.resize_random_interpolation(image, config.model.img_size, seeds[1])
   image = tf.round(image)  # PIL hands RandAugment uint8 pixels
-  flip = tf.constant(False)
+  flip, geometry = tf.constant(False), tf.eye(3)
   if d.hflip > 0:
     image, flip = augment.random_flip(image, seeds[2], d.hflip)
   if d.randaugment:
-    image = randaugment.rand_augment(image, seeds[4], **randaugment.parse(d.randaugment))
+    image, geometry = randaugment.rand_augment(image, seeds[4], with_matrix=True,
+                                               **randaugment.parse(d.randaugment))
   image = transforms.normalize(image)
   if d.random_erase > 0:
     image = augment.random_erasing(image, seeds[3], probability=d.random_erase)
@@ -70,6 +72,7 @@ def _decode_train(example, seed, config, labels=None):
     size = tf.cast(tf.stack([shape[0], shape[1], shape[0], shape[1]]), tf.float64)
     out["crop_box"] = tf.cast(tf.cast(tf.stack([top, left, h, w]), tf.float64) / size, tf.float32)  # as tlt
     out["flip"] = flip
+    out["label_geometry"] = geometry  # RandAugment's rotate/shear/translate, for the targets
   return out
 
 

@@ -73,9 +73,27 @@ def crop_rois(crop_box: jax.Array, flip: jax.Array, map_size: int, transposed_bo
   return (horizontal, vertical) if transposed_box else (vertical, horizontal)
 
 
+def warp_tokens(tokens: jax.Array, geometry: jax.Array) -> jax.Array:
+  """Token logits (B, P, P, K) → the same grid after the image's RandAugment rotate/shear/translate: each token
+  takes the logits of the token nearest to where its centre came from (`geometry`, (B, 3, 3) output → input
+  in [0, 1]² coordinates); tokens from outside the image get logits 0, as tlt fills warped maps with score 0."""
+  b, p, _, k = tokens.shape
+  centres = (jnp.arange(p, dtype=jnp.float32) + 0.5) / p
+  v, u = jnp.meshgrid(centres, centres, indexing="ij")  # rows (y), columns (x)
+  points = jnp.stack([u.ravel(), v.ravel(), jnp.ones(p * p)])  # (3, P²) as (x, y, 1)
+  source = jnp.einsum("bij,jn->bin", geometry.astype(jnp.float32), points, precision=_HIGHEST)
+  col, row = jnp.floor(source[:, 0] * p), jnp.floor(source[:, 1] * p)  # (B, P²)
+  inside = (col >= 0) & (col < p) & (row >= 0) & (row < p)
+  index = jnp.where(inside, row * p + col, -1).astype(jnp.int32)
+  select = (index[..., None] == jnp.arange(p * p)).astype(jnp.float32)  # (B, P², P²) one-hot, a matmul not a gather
+  warped = jnp.einsum("bnm,bmk->bnk", select, tokens.reshape(b, p * p, k), precision=_HIGHEST)
+  return warped.reshape(b, p, p, k)
+
+
 def build_targets(batch: dict, *, num_classes: int, token_size: int, smoothing: float,
                   transposed_box: bool = True) -> dict:
-  """tlt's targets for a batch with 'label', 'label_scores', 'label_classes', 'crop_box' and 'flip':
+  """tlt's targets for a batch with 'label', 'label_scores', 'label_classes', 'crop_box', 'flip' and optionally
+  'label_geometry' (`warp_tokens`; the crop label is not warped):
   {'gt': (B, K) smoothed one-hot, 'cls': (B, K) crop label, 'tokens': (B, P², K) row-major}, float32."""
   off = smoothing / num_classes
   on = 1.0 - smoothing + off
@@ -85,7 +103,10 @@ def build_targets(batch: dict, *, num_classes: int, token_size: int, smoothing: 
   dense = dense_map(scores, classes, num_classes)
   rows, cols = crop_rois(batch["crop_box"], flip, dense.shape[1], transposed_box)
   b = dense.shape[0]
-  tokens = roi_align(dense, rows, cols, token_size).reshape(b, token_size * token_size, num_classes)
+  tokens = roi_align(dense, rows, cols, token_size)
+  if "label_geometry" in batch:
+    tokens = warp_tokens(tokens, batch["label_geometry"])
+  tokens = tokens.reshape(b, token_size * token_size, num_classes)
   crop = roi_align(dense, rows, cols, 1).reshape(b, num_classes)
   gt = jax.nn.one_hot(batch["label"], num_classes) * (on - off) + off
   return {"gt": gt, "cls": jax.nn.softmax(crop, axis=-1) * on + off,
