@@ -139,6 +139,9 @@ def test_pipeline_label_maps_are_cropped_and_flipped_like_the_image(data, prepar
   config.data.randaugment, config.data.random_erase = "", 0.0  # keep the colours that encode positions
   batches = pipeline.train_dataset(config, local_batch=6, start_step=0, process_index=0, process_count=1)
   first, second = next(batches), next(batches)
+  resumed = next(pipeline.train_dataset(config, local_batch=6, start_step=1, process_index=0, process_count=1))
+  for key in second:  # exact resume covers the label maps, boxes and flips too
+    np.testing.assert_array_equal(resumed[key], second[key])
   batch = {k: np.concatenate([first[k], second[k]]) for k in first}
   assert batch["label_scores"].shape == (12, TOPK, MAP_SIZE, MAP_SIZE) and batch["label_scores"].dtype == np.float16
   assert batch["label_classes"].dtype == np.int16 and batch["crop_box"].shape == (12, 4)
