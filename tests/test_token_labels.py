@@ -185,3 +185,15 @@ def test_token_labels_on_without_label_data_is_a_clear_error(data, tmp_path):
     loop.Setup(_config(data_dir, ""))
   with pytest.raises(FileNotFoundError, match="no prepared token labels"):
     loop.Setup(_config(data_dir, str(tmp_path)))
+
+
+def test_imagenet_configs_carry_the_token_label_recipe():
+  """The official runs: size 14 at 224, 24 at 384, 28 at 448 (32 at 512, the authors' img/16), ground-truth
+  mixing for the fine-tunes only, TokenLabelCrossEntropy(dense_weight=0.5, cls_weight=1.0), MixToken on."""
+  sizes = {224: 14, 384: 24, 448: 28, 512: 32}
+  for name in imagenet.EXPERIMENTS:
+    config = imagenet.get_config(name)
+    tl = config.token_label
+    assert tl.enabled and tl.mix_token and tl.transposed_box
+    assert tl.size == sizes[config.model.img_size] and tl.ground_truth == config.finetune
+    assert (tl.dense_weight, tl.cls_weight) == (0.5, 1.0)
