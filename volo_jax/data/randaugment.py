@@ -198,9 +198,9 @@ def rand_augment(image, seed, *, num_layers: int = 2, magnitude: float = 9.0, ma
     op_index = tf.random.stateless_uniform((), s[0], 0, len(OP_NAMES), dtype=tf.int32)
     level = tf.clip_by_value(magnitude + magnitude_std * tf.random.stateless_normal((), s[1]), 0.0, MAX_LEVEL)
     negate = tf.random.stateless_uniform((), s[2]) < 0.5
-    applied = apply_op(image, op_index, level, negate)
     use = tf.random.stateless_uniform((), s[3]) < prob
-    image = tf.where(use, applied, image)
+    image = tf.cond(use,  # a cond, not a select: skipped ops cost nothing
+                    lambda: apply_op(image, op_index, level, negate), lambda: image)
     if with_matrix:  # this op samples the previous image: input = earlier maps ∘ this op's map
       matrix = tf.where(use, matrix @ op_matrix(op_index, level, negate), matrix)
   return (image, matrix) if with_matrix else image

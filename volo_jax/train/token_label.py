@@ -84,10 +84,9 @@ def warp_tokens(tokens: jax.Array, geometry: jax.Array) -> jax.Array:
   source = jnp.einsum("bij,jn->bin", geometry.astype(jnp.float32), points, precision=_HIGHEST)
   col, row = jnp.floor(source[:, 0] * p), jnp.floor(source[:, 1] * p)  # (B, P²)
   inside = (col >= 0) & (col < p) & (row >= 0) & (row < p)
-  index = jnp.where(inside, row * p + col, -1).astype(jnp.int32)
-  select = (index[..., None] == jnp.arange(p * p)).astype(jnp.float32)  # (B, P², P²) one-hot, a matmul not a gather
-  warped = jnp.einsum("bnm,bmk->bnk", select, tokens.reshape(b, p * p, k), precision=_HIGHEST)
-  return warped.reshape(b, p, p, k)
+  index = jnp.where(inside, row * p + col, 0).astype(jnp.int32)
+  warped = jnp.take_along_axis(tokens.reshape(b, p * p, k), index[..., None], axis=1)  # (B, P², K) row gather
+  return jnp.where(inside[..., None], warped, 0.0).reshape(b, p, p, k)
 
 
 def build_targets(batch: dict, *, num_classes: int, token_size: int, smoothing: float,
