@@ -10,7 +10,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.label_smoothing = 0.1
   # timm Mixup(mode='batch', correct_lam=True); alphas 0 = off, as in every VOLO recipe (timm's usual: 0.8 / 1.0).
   c.mixup = ml_collections.ConfigDict(dict(mixup_alpha=0.0, cutmix_alpha=0.0, prob=1.0, switch_prob=0.5))
-  # Token labeling (tlt): dense targets from the annotator's score maps + MixToken. Off here; on in configs/imagenet.py.
+  # Token labeling (tlt): dense targets from annotator score maps + MixToken. Off here, on in configs/imagenet.py.
   c.token_label = ml_collections.ConfigDict(dict(
       enabled=False,
       dir="",  # a directory written by `python -m volo_jax.token_labels prepare`

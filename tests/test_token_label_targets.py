@@ -42,8 +42,8 @@ def _random_crops(rng, batch: int):
   return np.stack([top / height, left / width, h / height, w / width], 1).astype(np.float32)
 
 
-def _tlt_targets(maps, crops, flips, labels, num_classes, token_size, smoothing):
-  """tlt's per-sample flip (label.flip(3)) with the mirrored box, then mixup_target(λ=1): (B, K, 2 + P²)."""
+def _tlt_targets(maps, crops, flips, labels, num_classes, token_size, smoothing, lam=1.0):
+  """tlt's per-sample flip (label.flip(3)) with the mirrored box, then mixup_target(λ): (B, K, 2 + P²)."""
   maps = torch.from_numpy(maps.astype(np.float32))
   coords = crops.copy()
   flips = np.asarray(flips, bool)
@@ -53,7 +53,7 @@ def _tlt_targets(maps, crops, flips, labels, num_classes, token_size, smoothing)
   coords_map[:, 0, 0, 0, :4] = torch.from_numpy(coords)
   coords_map[:, 0, 0, 0, 5] = torch.from_numpy(labels.astype(np.float32))
   target = torch.cat([maps, coords_map], 1)
-  return _tlt_mixup_module().mixup_target(target, num_classes, lam=1.0, smoothing=smoothing, device="cpu",
+  return _tlt_mixup_module().mixup_target(target, num_classes, lam=lam, smoothing=smoothing, device="cpu",
                                           label_size=token_size).numpy()
 
 
@@ -161,3 +161,23 @@ def test_warped_targets_follow_randaugment_geometry(ops):
   inside = ~filled & ~outside
   assert inside.sum() > 100 and (outside <= filled).all()  # tokens from outside the image are filled ones
   assert np.abs(from_target - from_image)[inside].max() < 0.6 / grid  # the nearest token: ½ token + rounding
+
+
+def test_mixup_mixes_token_targets_as_tlt_token_label_mixup():
+  """With config.mixup on, every target (GT, crop label, token labels) is mixed with the images' λ and the
+  batch-reversed partner, as tlt's mixup_target(target, lam) does for TokenLabelMixup."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from volo_jax.train import mixup  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(11)
+  batch, num_classes, token_size = 4, 1000, 4
+  maps, crops = _random_maps(rng, batch, 18, num_classes), _random_crops(rng, batch)
+  flips, labels = np.array([0, 1, 1, 0], bool), rng.integers(0, num_classes, batch)
+  images = jnp.asarray(rng.standard_normal((batch, 8, 8, 3)).astype(np.float32))
+  targets = _ours(maps, crops, flips, labels, num_classes, token_size, 0.1)
+  mixed, mixed_targets = mixup.mix(jax.random.key(0), images, targets, mixup_alpha=0.8, cutmix_alpha=0.0)
+  lam = float(np.median((mixed - images[::-1]) / (images - images[::-1])))  # the blend's λ
+  assert 0.0 < lam < 1.0
+  expected = _tlt_targets(maps, crops, flips, labels, num_classes, token_size, 0.1, lam=lam)
+  ours = np.concatenate([np.asarray(mixed_targets["gt"])[:, :, None], np.asarray(mixed_targets["cls"])[:, :, None],
+                         np.asarray(mixed_targets["tokens"]).transpose(0, 2, 1)], axis=2)
+  np.testing.assert_allclose(ours, expected, rtol=0, atol=3e-5)
