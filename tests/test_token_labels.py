@@ -109,6 +109,7 @@ def test_verify_reports_missing_extra_and_corrupt(data, prepared, tmp_path):
   report = token_labels.verify(prepared, data_dir=data_dir)
   assert (report["maps"], report["images"]) == (8, 8)
   assert not (report["missing"] or report["extra"] or report["corrupt"] or report["duplicates"])
+  assert token_labels.main(["verify", "--labels", prepared, "--data-dir", data_dir]) == 0  # the CLI: exit 0
   # A broken release: one file truncated, one deleted, one image with no training example.
   broken = tmp_path / "broken"
   for wnid in CLASSES:

@@ -62,7 +62,7 @@ def _decode_train(example, seed, config, labels=None):
     image, flip = augment.random_flip(image, seeds[2], d.hflip)
   if d.randaugment:
     image, geometry = randaugment.rand_augment(image, seeds[4], with_matrix=True,
-                                               **randaugment.parse(d.randaugment))
+                                               **randaugment.parse(d.randaugment))  # geometry: 3×3 floats
   image = transforms.normalize(image)
   if d.random_erase > 0:
     image = augment.random_erasing(image, seeds[3], probability=d.random_erase)
