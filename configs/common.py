@@ -10,6 +10,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.label_smoothing = 0.1
   # timm Mixup(mode='batch', correct_lam=True); alphas 0 = off, as in every VOLO recipe (timm's usual: 0.8 / 1.0).
   c.mixup = ml_collections.ConfigDict(dict(mixup_alpha=0.0, cutmix_alpha=0.0, prob=1.0, switch_prob=0.5))
+  # Token labeling (tlt): dense targets from annotator score maps + MixToken. Off here, on in configs/imagenet.py.
+  c.token_label = ml_collections.ConfigDict(dict(
+      enabled=False,
+      dir="",  # a directory written by `python -m volo_jax.token_labels prepare`
+      size=14,  # tokens per side of the dense target: img_size / 16 (14 at 224, 24 at 384, 28 at 448, 32 at 512)
+      dense_weight=0.5, cls_weight=1.0,  # TokenLabelCrossEntropy's weights in every VOLO run
+      ground_truth=False,  # the fine-tunes mix the crop label with the ImageNet label (tlt's ground_truth)
+      mix_token=True,  # MixToken in the model's training forward
+      transposed_box=True,  # tlt samples the map over the crop box mirrored about the diagonal; False: the crop
+  ))
   c.ema_decay = 0.0  # > 0 keeps an EMA of the params and evaluates it
   c.init_from = ""  # a .pth/.pth.tar/.safetensors file, a converted weights dir or a training workdir
   c.force_resume = False

@@ -160,12 +160,14 @@ def jax_infer(args) -> tuple[dict, callable]:
 
 
 def _train_config(args):
-  """The experiment's recipe when it has one (drop path, optimizer), else the common defaults."""
+  """The experiment's recipe when it has one (drop path, optimizer), else the common defaults; EMA and token
+  labeling off."""
   from configs import common, imagenet  # pylint: disable=import-outside-toplevel
   name = f"{args.model}_{args.img_size}"
   config = imagenet.get_config(name) if name in imagenet.EXPERIMENTS else common.base_config()
   config.model.name, config.model.img_size, config.model.dtype = args.model, args.img_size, args.dtype
   config.ema_decay = 0.0
+  config.token_label.enabled = False  # the plain label-smoothed step, the same work as the PyTorch side
   return config
 
 

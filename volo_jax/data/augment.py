@@ -49,7 +49,9 @@ def resize_random_interpolation(image, size: int, seed):
 
 
 def random_flip(image, seed, probability: float = 0.5):
-  return tf.cond(_uniform(seed) < probability, lambda: tf.image.flip_left_right(image), lambda: image)
+  """(image flipped left-right with `probability`, whether it was)."""
+  flip = _uniform(seed) < probability
+  return tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image), flip
 
 
 def random_erasing(image, seed, probability=0.25, min_area=0.02, max_area=1 / 3, min_aspect=0.3, attempts=10):

@@ -6,7 +6,7 @@ import dataclasses
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from volo_jax.data import augment, randaugment, transforms
+from volo_jax.data import augment, label_store, randaugment, transforms
 from volo_jax.data.digits import VoloDigits  # noqa: F401  (registers `volo_digits` with TFDS)
 
 
@@ -40,9 +40,14 @@ def dataset_info(config) -> DatasetInfo:
                      num_eval=b.info.splits[config.data.eval_split].num_examples)
 
 
-def decode_train(example, seed, config):
+def decode_train(example, seed, config, labels=None):
   """timm's train transform: random-resized crop (fused with the JPEG decode) with random interpolation,
-  flip, RandAugment on the uint8 crop, normalise, random erasing."""
+  flip, RandAugment on the uint8 crop, normalise, random erasing.
+
+  With a token-label store, the example also carries its label map and what the target builder needs to crop,
+  flip and warp it like the image: the crop box (top, left, h, w) as fractions of the image, the flip, and the
+  3×3 output → input map of RandAugment's geometric ops in coordinates normalised to the crop.
+  """
   seeds = tf.random.experimental.stateless_split(seed, 5)
   image_bytes = example["image"]
   shape = tf.image.extract_jpeg_shape(image_bytes)
@@ -52,14 +57,35 @@ def decode_train(example, seed, config):
   image = tf.image.decode_and_crop_jpeg(image_bytes, tf.stack([top, left, h, w]), channels=3)
   image = augment.resize_random_interpolation(image, config.model.img_size, seeds[1])
   image = tf.round(image)  # PIL hands RandAugment uint8 pixels
+  flip, geometry = tf.constant(False), tf.eye(3)
   if d.hflip > 0:
-    image = augment.random_flip(image, seeds[2], d.hflip)
+    image, flip = augment.random_flip(image, seeds[2], d.hflip)
   if d.randaugment:
-    image = randaugment.rand_augment(image, seeds[4], **randaugment.parse(d.randaugment))
+    image, geometry = randaugment.rand_augment(image, seeds[4], with_matrix=True,
+                                               **randaugment.parse(d.randaugment))  # geometry: 3×3 floats
   image = transforms.normalize(image)
   if d.random_erase > 0:
     image = augment.random_erasing(image, seeds[3], probability=d.random_erase)
-  return {"image": image, "label": tf.cast(example["label"], tf.int32)}
+  out = {"image": image, "label": tf.cast(example["label"], tf.int32)}
+  if labels is not None:
+    out["label_scores"], out["label_classes"] = labels.tf_lookup(example["file_name"])
+    size = tf.cast(tf.stack([shape[0], shape[1], shape[0], shape[1]]), tf.float64)
+    out["crop_box"] = tf.cast(tf.cast(tf.stack([top, left, h, w]), tf.float64) / size, tf.float32)  # as tlt
+    out["flip"] = flip
+    out["label_geometry"] = geometry  # RandAugment's rotate/shear/translate, for the targets
+  return out
+
+
+def token_label_store(config) -> label_store.LabelStore | None:
+  """The prepared token-label maps when config.token_label.enabled; a clear error when they are missing."""
+  tl = config.get("token_label")
+  if not tl or not tl.enabled:
+    return None
+  if not tl.dir:
+    raise ValueError("token labeling is on (config.token_label.enabled) but config.token_label.dir is empty: "
+                     "prepare the label maps (README, Token labeling) and pass --config.token_label.dir=DIR, "
+                     "or train without them: --config.token_label.enabled=False")
+  return label_store.LabelStore(tl.dir)
 
 
 def _decode_eval(example, config):
@@ -92,7 +118,8 @@ def train_dataset(config, *, local_batch: int, start_step: int, process_index: i
   ds = _read(config, split, shuffle_seed=seed)
   ds = ds.repeat().shuffle(config.data.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
   ds = ds.enumerate().skip(start_step * local_batch)
-  ds = ds.map(lambda i, ex: decode_train(ex, tf.stack([tf.constant(seed, tf.int64), i]), config),
+  labels = token_label_store(config)
+  ds = ds.map(lambda i, ex: decode_train(ex, tf.stack([tf.constant(seed, tf.int64), i]), config, labels),
               num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
   return _deterministic(ds).as_numpy_iterator()

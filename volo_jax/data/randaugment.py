@@ -110,13 +110,21 @@ def affine(image, matrix):
   return tf.floor(tf.clip_by_value(shifted + fill, 0.0, 255.0))
 
 
-def rotate(image, degrees):
+def rotate_matrix(width, height, degrees):
   """PIL Image.rotate(degrees): counter-clockwise about the image centre (w/2, h/2)."""
-  shape = tf.cast(tf.shape(image), tf.float32)
-  cx, cy = shape[1] / 2.0, shape[0] / 2.0
+  cx, cy = width / 2.0, height / 2.0
   angle = -degrees * math.pi / 180.0
   cos, sin = tf.cos(angle), tf.sin(angle)
-  return affine(image, (cos, sin, cx - cos * cx - sin * cy, -sin, cos, cy + sin * cx - cos * cy))
+  return (cos, sin, cx - cos * cx - sin * cy, -sin, cos, cy + sin * cx - cos * cy)
+
+
+def _size(image):
+  shape = tf.cast(tf.shape(image), tf.float32)
+  return shape[1], shape[0]
+
+
+def rotate(image, degrees):
+  return affine(image, rotate_matrix(*_size(image), degrees))
 
 
 def shear_x(image, factor):
@@ -128,11 +136,30 @@ def shear_y(image, factor):
 
 
 def translate_x_rel(image, fraction):
-  return affine(image, (1.0, 0.0, fraction * tf.cast(tf.shape(image)[1], tf.float32), 0.0, 1.0, 0.0))
+  return affine(image, (1.0, 0.0, fraction * _size(image)[0], 0.0, 1.0, 0.0))
 
 
 def translate_y_rel(image, fraction):
-  return affine(image, (1.0, 0.0, 0.0, 0.0, 1.0, fraction * tf.cast(tf.shape(image)[0], tf.float32)))
+  return affine(image, (1.0, 0.0, 0.0, 0.0, 1.0, fraction * _size(image)[1]))
+
+
+def _signed_level(magnitude, negate):
+  return tf.where(negate, -1.0, 1.0) * magnitude / MAX_LEVEL
+
+
+def op_matrix(op_index, magnitude, negate, translate_pct: float = 0.45):
+  """The 3×3 map from output to input points, in coordinates normalised to the image ([0, 1]², a square
+  image), of `apply_op`'s geometric ops (rotate, shear, translate); the identity for the colour ops. The
+  token-label targets follow the image's geometry with it."""
+  level = _signed_level(magnitude, negate)
+  identity = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+  by_op = {"Rotate": rotate_matrix(1.0, 1.0, level * 30.0), "ShearX": (1.0, level * 0.3, 0.0, 0.0, 1.0, 0.0),
+           "ShearY": (1.0, 0.0, 0.0, level * 0.3, 1.0, 0.0),
+           "TranslateXRel": (1.0, 0.0, level * translate_pct, 0.0, 1.0, 0.0),
+           "TranslateYRel": (1.0, 0.0, 0.0, 0.0, 1.0, level * translate_pct)}
+  branches = [lambda m=by_op.get(name, identity): tf.cast(tf.stack([*m, 0.0, 0.0, 1.0]), tf.float32)
+              for name in OP_NAMES]
+  return tf.reshape(tf.switch_case(op_index, branches), (3, 3))
 
 
 def apply_op(image, op_index, magnitude, negate, translate_pct: float = 0.45):
@@ -163,17 +190,22 @@ def apply_op(image, op_index, magnitude, negate, translate_pct: float = 0.45):
 
 
 def rand_augment(image, seed, *, num_layers: int = 2, magnitude: float = 9.0, magnitude_std: float = 0.5,
-                 prob: float = 0.5):
+                 prob: float = 0.5, with_matrix: bool = False):
   """timm RandAugment: `num_layers` ops drawn uniformly with replacement, each applied with `prob` at a magnitude
-  drawn from N(magnitude, magnitude_std) clipped to [0, 10]."""
+  drawn from N(magnitude, magnitude_std) clipped to [0, 10]. with_matrix: also the 3×3 normalised output → input
+  map of the geometric ops applied (`op_matrix`, composed), for the token-label targets."""
+  matrix = tf.eye(3)
   for layer_seed in tf.unstack(tf.random.experimental.stateless_split(seed, num_layers)):
     s = tf.unstack(tf.random.experimental.stateless_split(layer_seed, 4))
     op_index = tf.random.stateless_uniform((), s[0], 0, len(OP_NAMES), dtype=tf.int32)
     level = tf.clip_by_value(magnitude + magnitude_std * tf.random.stateless_normal((), s[1]), 0.0, MAX_LEVEL)
     negate = tf.random.stateless_uniform((), s[2]) < 0.5
-    image = tf.cond(tf.random.stateless_uniform((), s[3]) < prob,  # a cond, not a select: skipped ops cost nothing
+    use = tf.random.stateless_uniform((), s[3]) < prob
+    image = tf.cond(use,  # a cond, not a select: skipped ops cost nothing
                     lambda: apply_op(image, op_index, level, negate), lambda: image)
-  return image
+    if with_matrix:  # this op samples the previous image: input = earlier maps ∘ this op's map
+      matrix = tf.where(use, matrix @ op_matrix(op_index, level, negate), matrix)
+  return (image, matrix) if with_matrix else image
 
 
 def parse(spec: str) -> dict:

@@ -22,10 +22,23 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 def build_model(config, num_classes: int):
   m = config.model
+  tl = config.get("token_label")
   return create_model(m.name, img_size=m.img_size, num_classes=num_classes,
                       seed=config.seed, drop_path_rate=m.drop_path_rate,
+                      mix_token=bool(tl) and tl.enabled and tl.mix_token,
                       drop_rate=m.get("drop_rate", 0.0), attn_drop_rate=m.get("attn_drop_rate", 0.0),
                       dtype=_DTYPES[m.get("dtype", "float32")])
+
+
+def _check_token_labels(config) -> None:
+  """Fail before any compilation when token labeling is on but cannot run."""
+  tl = config.get("token_label")
+  if not tl or not tl.enabled:
+    return
+  if tl.size * 16 != config.model.img_size:
+    raise ValueError(f"token_label.size {tl.size} must be img_size/16 = {config.model.img_size / 16} (one "
+                     "target per token of the model's 16-pixel grid)")
+  pipeline.token_label_store(config)  # raises when the prepared label maps are missing
 
 
 class Setup:
@@ -36,6 +49,8 @@ class Setup:
       raise ValueError(f"{config.get('experiment', 'this experiment')} fine-tunes a pretrained model: "
                        "set --config.init_from=<workdir, converted dir or .pth.tar>")
     self.config = config
+    if for_training:
+      _check_token_labels(config)
     self.mesh = sharding.make_mesh(config)
     sharding.check_batch_size(config.batch_size, self.mesh)
     self.info = pipeline.dataset_info(config)

@@ -30,7 +30,9 @@ def apply_cutmix(images, box):
 
 def mix(key, images, targets, *, mixup_alpha: float, cutmix_alpha: float, prob: float = 1.0,
         switch_prob: float = 0.5):
-  """(images (B,H,W,C), soft targets (B,K)) → mixed pair, as timm Mixup(mode='batch', correct_lam=True)."""
+  """(images (B,H,W,C), soft targets (B,K) or a pytree of (B, ...) targets) → mixed pair, as timm
+  Mixup(mode='batch', correct_lam=True); token-label targets are all mixed with the same λ, as tlt's
+  TokenLabelMixup does (its CutMix does not move the token labels with the pasted box)."""
   apply_key, switch_key, mixup_key, cutmix_key, box_key = jax.random.split(key, 5)
   if mixup_alpha > 0 and cutmix_alpha > 0:
     use_cutmix = jax.random.uniform(switch_key) < switch_prob
@@ -45,4 +47,4 @@ def mix(key, images, targets, *, mixup_alpha: float, cutmix_alpha: float, prob: 
   applied = jax.random.uniform(apply_key) < prob
   lam = jnp.where(applied, lam, 1.0)
   mixed = jnp.where(applied, mixed, images)
-  return mixed, lam * targets + (1.0 - lam) * targets[::-1]
+  return mixed, jax.tree.map(lambda t: lam * t + (1.0 - lam) * t[::-1], targets)

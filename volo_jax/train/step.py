@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from volo_jax.train import mixup
+from volo_jax.train import mixup, token_label
 
 
 def soft_targets(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
@@ -37,8 +37,11 @@ def fresh_rng_state(template: nnx.State, key: jax.Array) -> nnx.State:
 
 
 def make_train_step(graphdef, rng_template, tx: optax.GradientTransformation, config, num_classes: int):
-  """(state, batch) → (state, metrics); batch = {'image': (B, H, W, 3) float32, 'label': (B,) int32}."""
+  """(state, batch) → (state, metrics); batch = {'image': (B, H, W, 3) float32, 'label': (B,) int32}, and with
+  token labeling the label maps, crop boxes and flips that token_label.build_targets turns into targets."""
   smoothing = config.get("label_smoothing", 0.0)
+  tl = config.get("token_label")
+  token_labels = bool(tl) and tl.enabled
   ema_decay = config.get("ema_decay", 0.0)
   base_key = jax.random.key(config.seed)
 
@@ -46,13 +49,22 @@ def make_train_step(graphdef, rng_template, tx: optax.GradientTransformation, co
   mixing = bool(mix_config) and (mix_config.mixup_alpha > 0 or mix_config.cutmix_alpha > 0)
 
   def loss_fn(model, images, targets):
+    if token_labels:
+      logits, aux, box = model(images, return_dense=True)
+      return token_label.token_label_loss(logits, aux, box, targets, dense_weight=tl.dense_weight,
+                                          cls_weight=tl.cls_weight, ground_truth=tl.ground_truth), logits
     logits = model(images)
     return cross_entropy(logits, targets), logits
 
   def train_step(state, batch):
     step_key = jax.random.fold_in(base_key, state["step"])
     rng_state = fresh_rng_state(rng_template, step_key)
-    images, targets = batch["image"], soft_targets(batch["label"], num_classes, smoothing)
+    images = batch["image"]
+    if token_labels:
+      targets = token_label.build_targets(batch, num_classes=num_classes, token_size=tl.size, smoothing=smoothing,
+                                          transposed_box=tl.transposed_box)
+    else:
+      targets = soft_targets(batch["label"], num_classes, smoothing)
     if mixing:
       mix_key = jax.random.fold_in(step_key, 2**31 - 1)  # beyond any RNG-stream index
       images, targets = mixup.mix(mix_key, images, targets, **mix_config.to_dict())
