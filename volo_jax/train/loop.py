@@ -25,6 +25,7 @@ def build_model(config, num_classes: int):
   return create_model(m.name, img_size=m.img_size, num_classes=num_classes,
                       seed=config.seed, drop_path_rate=m.drop_path_rate,
                       drop_rate=m.get("drop_rate", 0.0), attn_drop_rate=m.get("attn_drop_rate", 0.0),
+                      scan_blocks=m.get("scan_blocks", False), remat=m.get("remat", "none"),
                       dtype=_DTYPES[m.get("dtype", "float32")])
 
 
