@@ -159,3 +159,31 @@ def test_one_compiled_loop_per_stack():
   assert sum(isinstance(node, BlockStack) for _, node in nnx.iter_graph(stacked)) == 2
   assert _count_whiles(stacked, images) == 2
   assert _count_whiles(per_layer, images) == 0
+
+
+def test_sharded_train_step_with_stacked_blocks():
+  """One train step on a (data 4 × fsdp 2) mesh with stacked blocks, remat and drop path: per-layer RNG keys,
+  fsdp never on the layer axis, and the same step twice draws the same masks."""
+  config = digits.get_config()
+  config.model.scan_blocks, config.model.remat, config.model.drop_path_rate = True, "full", 0.1
+  config.mesh.fsdp = 2
+  mesh = sharding.make_mesh(config)
+  graphdef, params, batch_stats, rng_template = nnx.split(build_model(config, 10), nnx.Param, nnx.BatchStat, ...)
+  keys = nnx.to_flat_state(step_lib.fresh_rng_state(rng_template, jax.random.key(0)))
+  assert {v.get_value().shape for p, v in keys if "blocks" in p} == {(4,)}
+  tx = optim.make_optimizer(config, steps_per_epoch=10)
+  state = {"step": jnp.zeros((), jnp.int32), "params": params, "batch_stats": batch_stats,
+           "opt_state": tx.init(params)}
+  shardings = sharding.state_shardings(state, mesh)
+  assert shardings["params"]["network"][2]["blocks"]["mlp"]["fc1"]["kernel"].spec == P(None, None, "fsdp")
+  assert sharding.state_shardings({"blocks": jnp.zeros((32, 3, 999))}, mesh)["blocks"].spec == P()
+  batch = jax.device_put({"image": jax.random.normal(jax.random.key(1), (8, 32, 32, 3)), "label": jnp.arange(8)},
+                         sharding.batch_sharding(mesh))
+  train_step = jax.jit(step_lib.make_train_step(graphdef, rng_template, tx, config, 10),
+                       in_shardings=(shardings, sharding.batch_sharding(mesh)), out_shardings=(shardings, None))
+  state = jax.device_put(state, shardings)
+  new, metrics = train_step(state, batch)
+  again, _ = train_step(state, batch)
+  assert np.isfinite(float(metrics["loss"])) and int(new["step"]) == 1
+  for x, y in zip(jax.tree.leaves(new["params"]), jax.tree.leaves(again["params"])):
+    np.testing.assert_array_equal(x, y)
