@@ -30,6 +30,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.img_size = 224
   c.model.drop_path_rate = 0.1
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params, norms, softmax, loss stay float32)
+  c.model.scan_blocks = False  # stack identical blocks and nnx.scan them: one compiled block body per stack
+  c.model.remat = "none"  # per-block rematerialisation: none | full | dots | dots_saveable
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.lr = 1.6e-3

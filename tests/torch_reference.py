@@ -11,10 +11,18 @@ timm = pytest.importorskip("timm")
 
 
 def randomised_timm_volo(name: str, img_size: int = 224, num_classes: int = 1000, seed: int = 0, **kwargs):
-  """timm volo_dX with random weights, biases, LayerNorm/BatchNorm affines and BatchNorm running stats."""
+  """timm volo_dX (our volo_tiny: timm's VOLO class at its shape) with random weights, biases, LayerNorm/BatchNorm
+  affines and BatchNorm running stats."""
   torch.manual_seed(seed)
-  model = timm.create_model(f"{name}_224", pretrained=False, img_size=img_size, num_classes=num_classes,
-                            **kwargs)
+  if name == "volo_tiny":  # ours, not in timm: timm's VOLO class with our variant's shape
+    from volo_jax.models.volo import VARIANTS  # pylint: disable=import-outside-toplevel
+    v = VARIANTS[name]
+    model = timm.models.volo.VOLO(list(v.layers), img_size=img_size, num_classes=num_classes,
+                                  stem_hidden_dim=v.stem_hidden_dim, embed_dims=list(v.embed_dims),
+                                  num_heads=list(v.num_heads), mlp_ratio=v.mlp_ratio, **kwargs)
+  else:
+    model = timm.create_model(f"{name}_224", pretrained=False, img_size=img_size, num_classes=num_classes,
+                              **kwargs)
   gen = torch.Generator().manual_seed(seed + 1)
   with torch.no_grad():
     for key, tensor in model.state_dict().items():

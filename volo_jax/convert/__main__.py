@@ -1,7 +1,10 @@
 """Command-line weight conversion.
 
   python -m volo_jax.convert torch2flax SRC.pth.tar OUT_DIR --model volo_d1 --img-size 224 [--num-classes N] [--ema]
+                                      [--scan-blocks]
   python -m volo_jax.convert flax2torch CKPT_DIR OUT.pth --model volo_d1 --img-size 224
+
+--scan-blocks writes the stacked layout of `create_model(..., scan_blocks=True)`; flax2torch reads either.
 """
 
 import argparse
@@ -23,6 +26,7 @@ def _parser() -> argparse.ArgumentParser:
   to_flax.add_argument("--num-classes", type=int, default=1000)
   to_flax.add_argument("--ema", action="store_true", help="take the checkpoint's state_dict_ema")
   to_flax.add_argument("--non-strict", action="store_true", help="ignore checkpoint tensors the model lacks")
+  to_flax.add_argument("--scan-blocks", action="store_true", help="save stacked blocks (scan_blocks=True layout)")
   to_torch = sub.add_parser("flax2torch", help="orbax directory → .pth or .safetensors state dict")
   to_torch.add_argument("ckpt_dir")
   to_torch.add_argument("out")
@@ -37,7 +41,8 @@ def main(argv=None) -> int:
   try:
     parse_model_name(args.model)
     if args.direction == "torch2flax":
-      model = create_model(args.model, img_size=args.img_size, num_classes=args.num_classes)
+      model = create_model(args.model, img_size=args.img_size, num_classes=args.num_classes,
+                           scan_blocks=args.scan_blocks)
       report = load_torch_weights(model, args.src, use_ema=args.ema, strict=not args.non_strict)
       save_model_checkpoint(model, args.out_dir, model_name=args.model, img_size=args.img_size)
       print(report)
@@ -48,7 +53,8 @@ def main(argv=None) -> int:
                                                                     args.img_size):
         raise CheckpointError(f"{args.ckpt_dir} holds {meta['model']} at {meta['img_size']}, "
                               f"not {args.model} at {args.img_size}")
-      model = create_model(args.model, img_size=args.img_size, num_classes=meta["num_classes"])
+      model = create_model(args.model, img_size=args.img_size, num_classes=meta["num_classes"],
+                           scan_blocks=meta.get("scan_blocks", False))
       restore_weights(model, args.ckpt_dir)
       export_torch_weights(model, args.out)
       print(f"wrote {args.out}")

@@ -3,7 +3,9 @@
 Our module tree mirrors the official one, so a Flax path maps to a PyTorch name by joining it with dots, with
 three exceptions: the stem's convs/norms sit at `patch_embed.conv.{0,3,6}` / `{1,4,7}` (ReLUs take the other
 indices), Flax leaf names differ (kernel/scale → weight, mean/var → running_mean/var), and kernels are laid out
-channels-last (Linear [out,in] → [in,out], Conv2d [out,in,kh,kw] → [kh,kw,in,out]).
+channels-last (Linear [out,in] → [in,out], Conv2d [out,in,kh,kw] → [kh,kw,in,out]). A scanned model's
+`BlockStack` holds many PyTorch blocks in one leaf per tensor: slice [i] of the leaf is the PyTorch tensor of its
+`layer_names[i]` block, so both block layouts read and write the same state dicts.
 """
 
 import dataclasses
@@ -13,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from volo_jax.convert.torch_io import CheckpointError, read_state_dict, write_state_dict
+from volo_jax.models.stack import STACK_KEY, BlockStack
 
 _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
                "var": "running_var"}
@@ -45,6 +48,19 @@ def _to_flax_layout(path: tuple, value: np.ndarray) -> np.ndarray:
 
 def _weight_state(model: nnx.Module):
   return nnx.to_flat_state(nnx.state(model, (nnx.Param, nnx.BatchStat)))
+
+
+def _tensor_slots(model: nnx.Module):
+  """(PyTorch name, Flax path, layer index into a stacked leaf or None, variable) for every PyTorch tensor."""
+  stacks = {path + (STACK_KEY,): node for path, node in nnx.iter_graph(model) if isinstance(node, BlockStack)}
+  for path, var in _weight_state(model):
+    prefix = next((p for p in stacks if path[:len(p)] == p), None)
+    if prefix is None:
+      yield torch_name(path), path, None, var
+      continue
+    inner = torch_name(path[len(prefix):])
+    for layer, block_name in enumerate(stacks[prefix].layer_names):
+      yield f"{block_name}.{inner}", path, layer, var
 
 
 def _cubic_weights(t: np.ndarray) -> np.ndarray:
@@ -112,10 +128,10 @@ def load_state_dict(model: nnx.Module, tensors: dict[str, np.ndarray], *, strict
   differs (or the checkpoint has none); BatchNorm running stats go to the BatchStat collection. Raises
   CheckpointError (nothing written) on a shape mismatch, a missing tensor, or, when strict, unused tensors.
   """
-  report, updates, mismatched, missing = LoadReport(), {}, [], []
+  report, layers, mismatched, missing = LoadReport(), {}, [], []
   used = set()
-  for path, var in _weight_state(model):
-    name, shape = torch_name(path), var.get_value().shape
+  for name, path, layer, var in _tensor_slots(model):
+    shape = var.get_value().shape[0 if layer is None else 1:]
     is_head = name.startswith(HEAD_PREFIXES)
     if name not in tensors:
       (report.left_at_init if is_head else missing).append(name)
@@ -132,7 +148,7 @@ def load_state_dict(model: nnx.Module, tensors: dict[str, np.ndarray], *, strict
     if value.shape != shape:
       mismatched.append(f"{name} checkpoint {tuple(tensors[name].shape)} vs model {_torch_shape(path, shape)}")
       continue
-    updates[path] = jnp.array(value, var.get_value().dtype)  # a copy: never alias the caller's buffers
+    layers.setdefault(path, {})[layer] = value
     report.loaded.append(name)
   unexpected = [k for k in tensors if k not in used and not k.endswith("num_batches_tracked")]
   if model_without_heads(model):
@@ -147,8 +163,16 @@ def load_state_dict(model: nnx.Module, tensors: dict[str, np.ndarray], *, strict
     raise CheckpointError(_summarise(f"{len(unexpected)} checkpoint tensors this model does not have "
                                      "(wrong variant? strict=False ignores them)", unexpected))
   report.ignored += [k for k in tensors if k not in used and k not in report.ignored]
-  nnx.update(model, nnx.from_flat_state(updates))
+  nnx.update(model, nnx.from_flat_state(_stacked_updates(model, layers)))
   return report
+
+
+def _stacked_updates(model: nnx.Module, layers: dict) -> dict:
+  """{path: {layer index or None: value}} → {path: new leaf}, per-layer values stacked in layer order (all of a
+  stacked leaf's layers loaded, or load_state_dict raised before). Copies: never alias the caller's buffers."""
+  dtypes = {path: var.get_value().dtype for path, var in _weight_state(model)}
+  stacked = lambda values: values[None] if None in values else np.stack([values[i] for i in sorted(values)])
+  return {path: jnp.array(stacked(values), dtypes[path]) for path, values in layers.items()}
 
 
 def model_without_heads(model: nnx.Module) -> bool:
@@ -161,11 +185,14 @@ def _torch_shape(path: tuple, flax_shape: tuple) -> tuple:
 
 def state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
   """The model's weights as an official-format PyTorch state dict (numpy arrays, float32)."""
-  tensors = {}
-  for path, var in _weight_state(model):
-    tensors[torch_name(path)] = np.asarray(_to_torch_layout(path, np.asarray(var.get_value(), np.float32)))
+  tensors, host = {}, {}
+  for name, path, layer, var in _tensor_slots(model):
+    if path not in host:
+      host[path] = np.asarray(var.get_value(), np.float32)
+    value = host[path] if layer is None else host[path][layer]
+    tensors[name] = np.asarray(_to_torch_layout(path, value))
     if path[-1] == "var":  # PyTorch BatchNorm also keeps a step counter, which strict loading expects
-      tensors[torch_name(path[:-1] + ("num_batches_tracked",))] = np.array(0, np.int64)
+      tensors[name.removesuffix("running_var") + "num_batches_tracked"] = np.array(0, np.int64)
   return tensors
 
 

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from volo_jax.models.dropout import drop_path, dropout
+from volo_jax.models.dropout import DropPath, dropout
 from volo_jax.models.initializers import conv_kernel_init, linear_bias_init, linear_kernel_init
 from volo_jax.models.outlook import OutlookAttention
 
@@ -93,11 +93,12 @@ class _PreNormBlock(nnx.Module):
     self.attn = attn
     self.norm2 = layer_norm(dim, rngs)
     self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
-    self.drop_path = drop_path(drop_path_rate, rngs)
+    self.drop_path = DropPath(drop_path_rate, rngs)
 
-  def __call__(self, x):
-    x = x + self.drop_path(self.attn(self.norm1(x)))
-    return x + self.drop_path(self.mlp(self.norm2(x)))
+  def __call__(self, x, drop_path_rate=None):
+    """drop_path_rate: this layer's rate when it is traced (scanned stacks); None uses the static one."""
+    x = x + self.drop_path(self.attn(self.norm1(x)), drop_path_rate)
+    return x + self.drop_path(self.mlp(self.norm2(x)), drop_path_rate)
 
 
 class Outlooker(_PreNormBlock):

@@ -12,6 +12,7 @@ from flax import nnx
 from volo_jax.models import layers as L
 from volo_jax.models.dropout import dropout
 from volo_jax.models.initializers import embedding_init
+from volo_jax.models.stack import BlockStack, check_remat, checkpointed, run_blocks
 
 PATCH_SIZE = 8  # stem stride
 POOLING_SCALE = 2  # the downsample after stage 1
@@ -61,12 +62,15 @@ class VOLO(nnx.Module):
   def __init__(self, variant: VoloVariant, *, img_size: int | tuple[int, int] = 224, in_chans: int = 3,
                num_classes: int = 1000, qkv_bias: bool = False, drop_rate: float = 0.0,
                pos_drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-               mix_token: bool = False, return_dense: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
+               mix_token: bool = False, return_dense: bool = False, scan_blocks: bool = False,
+               remat: str = "none", dtype=jnp.float32, rngs: nnx.Rngs):
     height, width = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     if height % STRIDE or width % STRIDE:
       raise ValueError(f"image size {height}×{width} is not a multiple of VOLO's stride {STRIDE}")
     layers, dims, heads, ratio = variant.layers, variant.embed_dims, variant.num_heads, variant.mlp_ratio
+    check_remat(remat)
     self.num_classes, self.mix_token, self.return_dense = num_classes, mix_token, return_dense
+    self.scan_blocks, self.remat = scan_blocks, remat
     self.deterministic = False  # model.eval() sets True, model.train() False
     self.dtype = dtype
 
@@ -75,23 +79,37 @@ class VOLO(nnx.Module):
     self.pos_embed = nnx.Param(embedding_init(rngs.params(), (1, height // STRIDE, width // STRIDE, dims[-1])))
     self.pos_drop = dropout(pos_drop_rate, rngs)
 
+    block_kw = dict(mlp_ratio=ratio, qkv_bias=qkv_bias, attn_drop=attn_drop_rate, dtype=dtype)
+
+    def outlooker(rate, block_rngs):
+      return L.Outlooker(dims[0], heads[0], drop_path_rate=rate, **block_kw, rngs=block_rngs)
+
+    def transformer(stage):
+      return lambda rate, block_rngs: L.Transformer(dims[stage], heads[stage], drop_path_rate=rate, **block_kw,
+                                                    rngs=block_rngs)
+
     # Official drop-path schedule: block j of all stages (outlookers included in the count) gets
     # rate·j/(Σlayers − 1), but the outlooker builder never receives the rate, so stage 1 gets none.
     total = sum(layers)
-    block_kw = dict(mlp_ratio=ratio, qkv_bias=qkv_bias, attn_drop=attn_drop_rate, dtype=dtype, rngs=rngs)
-    network = [nnx.List([L.Outlooker(dims[0], heads[0], drop_path_rate=0.0, **block_kw)
-                         for _ in range(layers[0])]),
-               L.Downsample(dims[0], dims[1], dtype=dtype, rngs=rngs)]
-    for stage in range(1, 4):
-      first = sum(layers[:stage])
-      network.append(nnx.List([
-          L.Transformer(dims[stage], heads[stage], drop_path_rate=drop_path_rate * (first + i) / (total - 1),
-                        **block_kw)
-          for i in range(layers[stage])]))
+    rates = [0.0] * layers[0] + [drop_path_rate * j / (total - 1) for j in range(layers[0], total)]
+    names = [f"network.{0 if stage == 0 else stage + 1}.{i}" for stage in range(4) for i in range(layers[stage])]
+    downsample = lambda: L.Downsample(dims[0], dims[1], dtype=dtype, rngs=rngs)
+    if scan_blocks:  # one stack for stage 1, one for stages 2–4 (same width and heads in every variant)
+      if len(set(dims[1:])) > 1 or len(set(heads[1:])) > 1:
+        raise ValueError("scan_blocks needs stages 2–4 of equal width and heads")
+      n = layers[0]
+      network = [BlockStack(outlooker, rates[:n], names[:n], remat=remat, rngs=rngs), downsample(),
+                 BlockStack(transformer(1), rates[n:], names[n:], remat=remat, rngs=rngs)]
+    else:
+      ends = [sum(layers[:stage + 1]) for stage in range(4)]
+      network = [nnx.List([outlooker(rate, rngs) for rate in rates[:ends[0]]]), downsample()]
+      network += [nnx.List([transformer(stage)(rate, rngs) for rate in rates[ends[stage - 1]:ends[stage]]])
+                  for stage in range(1, 4)]
     self.network = nnx.List(network)
 
     self.cls_token = nnx.Param(embedding_init(rngs.params(), (1, 1, dims[-1])))
-    self.post_network = nnx.List([L.ClassBlock(dims[-1], heads[-1], **block_kw) for _ in range(2)])
+    self.post_network = nnx.List([L.ClassBlock(dims[-1], heads[-1], **block_kw, rngs=rngs)
+                                  for _ in range(2)])
     self.norm = L.layer_norm(dims[-1], rngs)
     self.head_drop = dropout(drop_rate, rngs)
     if num_classes > 0:
@@ -101,19 +119,21 @@ class VOLO(nnx.Module):
 
   def forward_tokens(self, x: jax.Array) -> jax.Array:
     """Stem output (B, H/8, W/8, C0) → normalised (B, 1 + H/16·W/16, C) sequence, class token first."""
-    for block in self.network[0]:
-      x = block(x)
+    x = self._stage(self.network[0], x)
     x = self.network[1](x)  # (B, H/16, W/16, C)
     x = self.pos_drop(x + self.pos_embed[...])
     for stage in self.network[2:]:
-      for block in stage:
-        x = block(x)
+      x = self._stage(stage, x)
     b, h, w, c = x.shape
     cls = jnp.broadcast_to(self.cls_token[...], (b, 1, c)).astype(x.dtype)
     x = jnp.concatenate([cls, x.reshape(b, h * w, c)], axis=1)
+    call = checkpointed(lambda block, x: block(x), self.remat)
     for block in self.post_network:
-      x = block(x)
+      x = call(block, x)
     return self.norm(x)
+
+  def _stage(self, blocks, x: jax.Array) -> jax.Array:
+    return blocks(x) if isinstance(blocks, BlockStack) else run_blocks(blocks, x, self.remat)
 
   def __call__(self, images: jax.Array, *, return_dense: bool | None = None):
     """images (B, H, W, in_chans) float32 → logits.

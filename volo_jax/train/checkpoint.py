@@ -63,7 +63,8 @@ def load_pretrained(model, path: str) -> mapping.LoadReport:
 def _model_from_workdir(workdir: str, model_config: dict):
   """The params and batch stats of a training workdir's latest checkpoint, as a (host-resident) model."""
   source = create_model(model_config["name"], img_size=model_config["img_size"],
-                        num_classes=model_config["num_classes"])
+                        num_classes=model_config["num_classes"],
+                        scan_blocks=model_config.get("scan_blocks", False))
   manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR))
   step = manager.latest_step()
   if step is None:

@@ -27,6 +27,7 @@ def build_model(config, num_classes: int):
                       seed=config.seed, drop_path_rate=m.drop_path_rate,
                       mix_token=bool(tl) and tl.enabled and tl.mix_token,
                       drop_rate=m.get("drop_rate", 0.0), attn_drop_rate=m.get("attn_drop_rate", 0.0),
+                      scan_blocks=m.get("scan_blocks", False), remat=m.get("remat", "none"),
                       dtype=_DTYPES[m.get("dtype", "float32")])
 
 

@@ -9,6 +9,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from volo_jax.models.stack import STACK_KEY
+
 BATCH_AXES = ("data", "fsdp")
 MIN_SHARDED_SIZE = 2**14  # smaller tensors are replicated: splitting them costs more than it saves
 
@@ -33,20 +35,26 @@ def batch_sharding(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def _param_spec(shape: tuple, fsdp: int) -> P:
-  """Split the largest dimension that fsdp divides; replicate small or indivisible tensors."""
+def _param_spec(shape: tuple, fsdp: int, stacked: bool) -> P:
+  """Split the largest dimension that fsdp divides, never the layer axis of a stacked (scanned) leaf, which
+  the scan slices per step; replicate small or indivisible tensors."""
   if fsdp == 1 or int(np.prod(shape)) < MIN_SHARDED_SIZE:
     return P()
-  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+  for dim in sorted(range(int(stacked), len(shape)), key=lambda d: -shape[d]):
     if shape[dim] % fsdp == 0:
       return P(*([None] * dim + ["fsdp"]))
   return P()
 
 
+def _is_stacked(path) -> bool:
+  return any(getattr(key, "key", None) == STACK_KEY for key in path)
+
+
 def state_shardings(abstract_state, mesh):
   """NamedSharding for every array of the train state (params, optimizer moments, batch stats, step)."""
   fsdp = mesh.shape["fsdp"]
-  return jax.tree.map(lambda x: NamedSharding(mesh, _param_spec(tuple(x.shape), fsdp)), abstract_state)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: NamedSharding(mesh, _param_spec(tuple(x.shape), fsdp, _is_stacked(path))), abstract_state)
 
 
 def global_batch(local: dict, mesh) -> dict:

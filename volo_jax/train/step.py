@@ -25,12 +25,14 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def fresh_rng_state(template: nnx.State, key: jax.Array) -> nnx.State:
-  """Every RNG stream of the model (dropout, drop path, MixToken) reseeded with its own key from `key`."""
+  """Every RNG stream of the model (dropout, drop path, MixToken) reseeded with its own key from `key`; the
+  stacked streams of a scanned block stack, shape (layers,), get one key per layer."""
   flat = nnx.to_flat_state(template)
   leaves = {}
   for index, (path, var) in enumerate(flat):
     if isinstance(var, nnx.RngKey):
-      leaves[path] = var.replace(jax.random.fold_in(key, index))
+      stream_key = jax.random.fold_in(key, index)
+      leaves[path] = var.replace(jax.random.split(stream_key, var.shape) if var.shape else stream_key)
     else:  # RngCount
       leaves[path] = var.replace(jnp.zeros_like(var.get_value()))
   return nnx.from_flat_state(leaves)
