@@ -37,7 +37,7 @@ def _forward(model, images, **kwargs):
   return nnx.jit(lambda m, x: m(x, **kwargs))(model, jnp.asarray(images))
 
 
-@pytest.mark.parametrize("name", ["volo_tiny", "volo_d1"])
+@pytest.mark.parametrize("name", ["volo_tiny"])  # d1's stacks are checked by the round trip below
 def test_scanned_eval_logits_equal_per_layer_and_timm(name):
   reference = randomised_timm_volo(name, img_size=SIZE)
   images = nhwc_batch(2, SIZE, seed=1)
