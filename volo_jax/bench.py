@@ -363,7 +363,7 @@ def _finish_case(case: dict, args, mode: str, peak: dict | None) -> dict:
   case = dict(base, **case)
   gmacs = PAPER_GMACS.get((args.model, args.img_size))
   # The paper counts one image's forward; a train step is ≈3× its forward (backward ≈ 2× forward).
-  paper = gmacs * 2e9 * (3 if mode == "train" else 1) if gmacs else None
+  paper = gmacs * 2e9 * (3 if mode == "train" else 1) if gmacs and mode != "input" else None
   case["paper_flops_per_image"] = paper
   per_call = case.pop("flops_per_call", None)
   case["flops_per_image"] = per_call / args.batch if per_call else None
