@@ -33,7 +33,7 @@ def test_train_step_applies_adamw_and_ema(mixup_alpha, cutmix_alpha):
   graphdef, params, batch_stats, rng_template = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
   tx = optim.make_optimizer(config, steps_per_epoch=10)
   state = {"step": jnp.zeros((), jnp.int32), "params": params, "batch_stats": batch_stats,
-           "opt_state": tx.init(params), "ema_params": params}
+           "opt_state": tx.init(params), "skipped_batches": jnp.zeros((), jnp.int32), "ema_params": params}
   batch = {"image": jax.random.normal(jax.random.key(1), (4, 32, 32, 3)), "label": jnp.arange(4)}
   train_step = jax.jit(step_lib.make_train_step(graphdef, rng_template, tx, config, 10))
   new, metrics = train_step(state, batch)

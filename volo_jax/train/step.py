@@ -1,7 +1,7 @@
 """Pure step functions: the loss, one jitted-able train step (forward, backward, AdamW, EMA) and the eval step.
 
 The train state is a dict of pytrees: step, params (nnx.State of Params), batch_stats (BatchNorm running
-statistics), opt_state and optionally ema_params. Random streams are not state: every step derives fresh keys
+statistics), opt_state, skipped_batches (steps whose loss or gradient was not finite) and optionally ema_params. Random streams are not state: every step derives fresh keys
 from (seed, step), so a resumed run draws exactly what an uninterrupted one would.
 """
 
@@ -62,11 +62,17 @@ def make_train_step(graphdef, rng_template, tx: optax.GradientTransformation, co
     batch_stats = nnx.state(model, nnx.BatchStat)  # running statistics updated by the forward
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    new_state = dict(state, step=state["step"] + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+    updated = {"params": params, "batch_stats": batch_stats, "opt_state": opt_state}
     if "ema_params" in state:
-      new_state["ema_params"] = optax.incremental_update(params, state["ema_params"], 1.0 - ema_decay)
-    metrics = {"loss": loss, "accuracy": (logits.argmax(-1) == batch["label"]).mean(),
-               "grad_norm": optax.global_norm(grads)}
+      updated["ema_params"] = optax.incremental_update(params, state["ema_params"], 1.0 - ema_decay)
+    # A non-finite loss or gradient leaves the state as it was (the host stops or counts the skip, per config).
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updated = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, {k: state[k] for k in updated})
+    skipped = state["skipped_batches"] + jnp.where(finite, 0, 1).astype(state["skipped_batches"].dtype)
+    new_state = dict(state, step=state["step"] + 1, skipped_batches=skipped, **updated)
+    metrics = {"loss": loss, "accuracy": (logits.argmax(-1) == batch["label"]).mean(), "grad_norm": grad_norm,
+               "skipped_batches": skipped}
     return new_state, metrics
 
   return train_step
