@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging
 
 from volo_jax.data import augment, randaugment, transforms
 from volo_jax.train.errors import ConfigError
@@ -124,8 +125,11 @@ def train_dataset(config, *, local_batch: int, start_step: int, process_index: i
   per_process = shards // process_count
   per_shard = local_batch // per_process
   start = start_step * per_shard
+  mine = range(process_index * per_process, (process_index + 1) * per_process)
+  logging.info("process %d reads shard(s) %s of %d of %r from example %d of each", process_index, list(mine),
+               shards, config.data.train_split, start)
   datasets = []
-  for shard in range(process_index * per_process, (process_index + 1) * per_process):
+  for shard in mine:
     split = tfds.split_for_jax_process(config.data.train_split, process_index=shard, process_count=shards)
     seed = config.seed + 1000 * shard
     ds = _read(config, split, shuffle_seed=seed)

@@ -19,6 +19,13 @@ CHECKPOINT_DIR = "checkpoints"
 CONFIG_JSON = "config.json"
 
 
+def has_checkpoint(workdir: str) -> bool:
+  """Whether the workdir holds a finished checkpoint (orbax names those by their step; partial ones carry a
+  temporary suffix until complete)."""
+  directory = os.path.join(workdir, CHECKPOINT_DIR)
+  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
 def check_workdir(workdir: str) -> None:
   """Creates the workdir if needed and proves that a file can be written in it, before any work is done."""
   try:
@@ -59,6 +66,7 @@ class Checkpointer:
     return self.manager.should_save(step)
 
   def save(self, step: int, state, *, force: bool = False) -> bool:
+    self.wait()  # an earlier save's failure is reported with its own step
     with self._write_errors(step):
       started = self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
     if started:

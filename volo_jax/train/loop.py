@@ -90,18 +90,26 @@ class Setup:
     return jax.device_put(weights, {k: self.state_sharding[k] for k in weights})
 
 
-def _initial_state(setup: Setup, ckpt: checkpoint.Checkpointer):
-  """Resume order: latest checkpoint in the workdir, else config.init_from, else a fresh init."""
+def _pretrained_model(setup: Setup, workdir: str):
+  """init_from's weights as a host model when the run starts from them (the workdir holds no checkpoint yet).
+  Loaded before the workdir is touched, so that a missing, truncated or incompatible init_from changes nothing."""
   config = setup.config
+  if not config.get("init_from") or checkpoint.has_checkpoint(workdir):
+    return None
+  model = build_model(config, setup.info.num_classes)
+  report = checkpoint.load_pretrained(model, config.init_from)
+  logging.info("initialised from %s: %s", config.init_from, report)
+  return model
+
+
+def _initial_state(setup: Setup, ckpt: checkpoint.Checkpointer, pretrained):
+  """Resume order: latest checkpoint in the workdir, else the init_from model, else a fresh init."""
   latest = ckpt.latest_step()
   if latest is not None:
     logging.info("resuming from step %d", latest)
     return ckpt.restore(latest, setup.sharded_abstract_state())
-  if config.get("init_from"):
-    model = build_model(config, setup.info.num_classes)
-    report = checkpoint.load_pretrained(model, config.init_from)
-    logging.info("initialised from %s: %s", config.init_from, report)
-    return jax.device_put(setup.init_state(model), setup.state_sharding)
+  if pretrained is not None:
+    return jax.device_put(setup.init_state(pretrained), setup.state_sharding)
   return jax.jit(setup.init_state, out_shardings=setup.state_sharding)()
 
 
@@ -175,11 +183,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   Stops early, with a checkpoint at the current step, when SIGTERM arrives (see preemption.py)."""
   setup = Setup(config)  # validates the config before the workdir is touched
+  pretrained = _pretrained_model(setup, workdir)
   checkpoint.check_workdir(workdir)
   _write_config(config, workdir, setup.info.num_classes)
   ckpt = checkpoint.Checkpointer(workdir, config)
   jax.set_mesh(setup.mesh)
-  state = _initial_state(setup, ckpt)
+  state = _initial_state(setup, ckpt, pretrained)
   start = int(state["step"])
   train_step = jax.jit(
       step_lib.make_train_step(setup.graphdef, setup.rng_template, setup.tx, config, setup.info.num_classes),
