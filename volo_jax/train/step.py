@@ -36,6 +36,9 @@ def fresh_rng_state(template: nnx.State, key: jax.Array) -> nnx.State:
   return nnx.from_flat_state(leaves)
 
 
+GUARDED = ("params", "batch_stats", "opt_state", "ema_params")  # what a non-finite step leaves unchanged
+
+
 def make_train_step(graphdef, rng_template, tx: optax.GradientTransformation, config, num_classes: int):
   """(state, batch) → (state, metrics); batch = {'image': (B, H, W, 3) float32, 'label': (B,) int32}."""
   smoothing = config.get("label_smoothing", 0.0)
@@ -56,6 +59,9 @@ def make_train_step(graphdef, rng_template, tx: optax.GradientTransformation, co
     if mixing:
       mix_key = jax.random.fold_in(step_key, 2**31 - 1)  # beyond any RNG-stream index
       images, targets = mixup.mix(mix_key, images, targets, **mix_config.to_dict())
+    # The forward writes the running statistics into the BatchStat variables it was merged from: copy the inputs
+    # first, for the non-finite guard below.
+    before = jax.tree.map(lambda x: x, {k: state[k] for k in GUARDED if k in state})
     model = nnx.merge(graphdef, state["params"], state["batch_stats"], rng_state)
     model.train()
     (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, images, targets)  # Param grads
@@ -68,7 +74,7 @@ def make_train_step(graphdef, rng_template, tx: optax.GradientTransformation, co
     # A non-finite loss or gradient leaves the state as it was (the host stops or counts the skip, per config).
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updated = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, {k: state[k] for k in updated})
+    updated = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, before)
     skipped = state["skipped_batches"] + jnp.where(finite, 0, 1).astype(state["skipped_batches"].dtype)
     new_state = dict(state, step=state["step"] + 1, skipped_batches=skipped, **updated)
     metrics = {"loss": loss, "accuracy": (logits.argmax(-1) == batch["label"]).mean(), "grad_norm": grad_norm,
