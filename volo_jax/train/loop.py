@@ -123,9 +123,10 @@ def _write_config(config, workdir: str, num_classes: int) -> None:
     if previous != resolved["model"] and not config.get("force_resume"):
       raise ConfigError(f"{workdir} holds a run of model {previous}, not {resolved['model']}; use a new workdir "
                        "(or --config.force_resume=True)")
-  if jax.process_index() == 0:
-    with open(path, "w") as f:
+  if jax.process_index() == 0:  # written whole then renamed: the other processes may be reading it right now
+    with open(path + ".tmp", "w") as f:
       json.dump(resolved, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 class _Progress:
