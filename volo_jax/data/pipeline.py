@@ -10,8 +10,8 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from volo_jax.data import augment, randaugment, transforms
-from volo_jax.train.errors import ConfigError
 from volo_jax.data.digits import VoloDigits  # noqa: F401  (registers `volo_digits` with TFDS)
+from volo_jax.train.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
