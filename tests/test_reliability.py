@@ -79,6 +79,12 @@ def restore(workdir: str, config, step: int | None = None):
   return jax.tree.map(np.asarray, jax.device_get(state))
 
 
+# Across process layouts the all-reduces sum in another order; Adam's division by sqrt(v) magnifies that round-off
+# in near-zero gradient components, so parameters are compared to 2.5% of one step's update (lr 2e-3) while a
+# different batch would move nearly every element by about the lr.
+ROUND_OFF = {"rtol": 1e-4, "atol": 5e-5}
+
+
 def assert_states_equal(a, b, **tolerance):
   assert jax.tree.structure(a) == jax.tree.structure(b)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -406,7 +412,7 @@ def test_two_processes_equal_one_and_the_checkpoint_moves_to_a_2_device_mesh(dat
   steps = [1, 2, 3, 4]
   np.testing.assert_allclose([scalars["train/loss"][s] for s in steps], [expected["train/loss"][s] for s in steps],
                              rtol=1e-5)
-  assert_states_equal(restore(workdir, config, 4), restore(reference, config, 4), rtol=1e-4, atol=1e-5)
+  assert_states_equal(restore(workdir, config, 4), restore(reference, config, 4), **ROUND_OFF)
 
   two_devices = Run(train_py(workdir, data_dir, 6, **{"data.shards": 2}), subprocess_env(cache_env, 2))
   assert two_devices.finish() == 0, two_devices.log()[-3000:]
@@ -414,4 +420,4 @@ def test_two_processes_equal_one_and_the_checkpoint_moves_to_a_2_device_mesh(dat
   scalars, _ = tensorboard(workdir)
   np.testing.assert_allclose([scalars["train/loss"][s] for s in (5, 6)], [expected["train/loss"][s] for s in (5, 6)],
                              rtol=1e-5)
-  assert_states_equal(restore(workdir, config, 6), restore(reference, config, 6), rtol=1e-4, atol=1e-5)
+  assert_states_equal(restore(workdir, config, 6), restore(reference, config, 6), **ROUND_OFF)
