@@ -341,8 +341,9 @@ class Run:
 @pytest.mark.slow
 def test_sigterm_and_kill_9_resume_to_the_uninterrupted_parameters(data_dir, cache_env, tmp_path):
   """SIGTERM at step ≥ 3 → checkpoint of that step, exit 0; restart, kill -9 while a checkpoint is being
-  written; restart → resumes from the last complete checkpoint and ends bit-for-bit at the 12-step run."""
-  total = 12
+  written; restart → resumes from the last complete checkpoint and ends bit-for-bit at the 24-step run (enough
+  steps left after each signal that a fast machine cannot finish first)."""
+  total = 24
   straight, broken = str(tmp_path / "straight"), str(tmp_path / "broken")
   config = run_config(data_dir, total)
   loop.train_and_evaluate(config, straight)
