@@ -79,19 +79,24 @@ def restore(workdir: str, config, step: int | None = None):
   return jax.tree.map(np.asarray, jax.device_get(state))
 
 
-# Across process layouts the all-reduces sum in another order; Adam's division by sqrt(v) magnifies that round-off
-# in near-zero gradient components, so parameters are compared to 2.5% of one step's update (lr 2e-3) while a
-# different batch would move nearly every element by about the lr.
-ROUND_OFF = {"rtol": 1e-4, "atol": 5e-5}
-
-
-def assert_states_equal(a, b, **tolerance):
+def assert_states_equal(a, b):
   assert jax.tree.structure(a) == jax.tree.structure(b)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    if tolerance:
-      np.testing.assert_allclose(x, y, **tolerance)
-    else:
-      np.testing.assert_array_equal(x, y)
+    np.testing.assert_array_equal(x, y)
+
+
+def assert_states_close(a, b, lr: float):
+  """Equal to float32 round-off across process layouts and meshes. The all-reduces sum in another order, and
+  Adam's division by sqrt(v) magnifies that in near-zero gradient components to a visible part of one update
+  (lr) in a few elements; so: all but 1 in 10⁴ elements within 1e-5 (+1e-4 relative), every one within lr/2.
+  A different batch would move nearly every element by about lr."""
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  off, total = 0, 0
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    diff = np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))
+    assert diff.max() <= lr / 2
+    off, total = off + int((diff > 1e-5 + 1e-4 * np.abs(y)).sum()), total + diff.size
+  assert off <= 1e-4 * total, f"{off} of {total} elements differ by more than round-off"
 
 
 def tensorboard(workdir: str) -> tuple[dict, set]:
@@ -413,7 +418,7 @@ def test_two_processes_equal_one_and_the_checkpoint_moves_to_a_2_device_mesh(dat
   steps = [1, 2, 3, 4]
   np.testing.assert_allclose([scalars["train/loss"][s] for s in steps], [expected["train/loss"][s] for s in steps],
                              rtol=1e-5)
-  assert_states_equal(restore(workdir, config, 4), restore(reference, config, 4), **ROUND_OFF)
+  assert_states_close(restore(workdir, config, 4), restore(reference, config, 4), lr=config.optimizer.lr)
 
   two_devices = Run(train_py(workdir, data_dir, 6, **{"data.shards": 2}), subprocess_env(cache_env, 2))
   assert two_devices.finish() == 0, two_devices.log()[-3000:]
@@ -421,4 +426,4 @@ def test_two_processes_equal_one_and_the_checkpoint_moves_to_a_2_device_mesh(dat
   scalars, _ = tensorboard(workdir)
   np.testing.assert_allclose([scalars["train/loss"][s] for s in (5, 6)], [expected["train/loss"][s] for s in (5, 6)],
                              rtol=1e-5)
-  assert_states_equal(restore(workdir, config, 6), restore(reference, config, 6), **ROUND_OFF)
+  assert_states_close(restore(workdir, config, 6), restore(reference, config, 6), lr=config.optimizer.lr)
