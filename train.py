@@ -6,6 +6,7 @@ jax.distributed.initialize() first; the command is the same on every worker.
 
 import logging as std_logging
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -32,16 +33,32 @@ class _QuietLibraries(std_logging.Filter):
     return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
 
 
+def _initialize_distributed(jax) -> None:
+  """jax detects TPU pods and SLURM itself; elsewhere JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+  JAX_PROCESS_ID describe the job."""
+  count, index = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
+  jax.distributed.initialize(num_processes=int(count) if count else None,
+                             process_id=int(index) if index else None)
+
+
 def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietLibraries())
   import jax  # pylint: disable=import-outside-toplevel
   if _wants_distributed():
-    jax.distributed.initialize()
+    _initialize_distributed(jax)
+  from volo_jax.train import errors  # pylint: disable=import-outside-toplevel
   from volo_jax.train.loop import train_and_evaluate  # pylint: disable=import-outside-toplevel
   logging.info("process %d/%d, %d local / %d global devices", jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
-  train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except errors.BAD_INPUT as e:
+    print(f"train.py: error: {e}", file=sys.stderr)
+    sys.exit(2)  # as absl does for a bad flag
+  except errors.RUN_FAILURE as e:
+    logging.error("%s", e)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

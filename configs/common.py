@@ -24,6 +24,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.init_from = ""  # a .pth/.pth.tar/.safetensors file, a converted weights dir or a training workdir
   c.force_resume = False
   c.total_steps = 0  # > 0 overrides (epochs + cooldown) × steps per epoch, e.g. for smoke tests
+  c.nonfinite = "stop"  # a NaN/inf loss or gradient: "stop" (exit 1, last good checkpoint kept) | "skip" the batch
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "volo_d1"
@@ -58,13 +59,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.randaugment = "rand-m9-mstd0.5-inc1"  # timm RandAugment string; "" turns it off
   c.data.random_erase = 0.25
   c.data.shuffle_buffer = 16_384
+  c.data.shards = 0  # independently shuffled streams of the train split (0: one per process); fixing it keeps
+  #                    the data order when the process count changes, e.g. on resume
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all devices not used by fsdp
   c.mesh.fsdp = 1
 
   c.log_every_steps = 100
-  c.eval_every_epochs = 10
+  c.eval_every_epochs = 10  # 0: no evaluation
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
   return c

@@ -1,13 +1,17 @@
 """tf.data input: each process reads only its slice of a TFDS split, decodes (JPEG decode fused with the crop),
-augments and batches its share of the global batch. Runs on the host CPU, never on the accelerator."""
+augments and batches its share of the global batch, skipping (and counting) images that do not decode. Runs on
+the host CPU, never on the accelerator."""
 
 import dataclasses
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging
 
 from volo_jax.data import augment, label_store, randaugment, transforms
 from volo_jax.data.digits import VoloDigits  # noqa: F401  (registers `volo_digits` with TFDS)
+from volo_jax.train.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,11 +27,11 @@ def builder(config):
   try:
     b = tfds.builder(name, data_dir=config.data.get("data_dir") or None)
   except tfds.core.registered.DatasetNotFoundError as e:
-    raise ValueError(f"unknown TFDS dataset {name!r}") from e
+    raise ConfigError(f"unknown TFDS dataset {name!r}") from e
   if name == "volo_digits" and not b.is_prepared():
     b.download_and_prepare()
   if not b.is_prepared():
-    raise ValueError(f"TFDS dataset {name!r} is not prepared in {b.data_dir_root}: prepare it first, e.g. for "
+    raise ConfigError(f"TFDS dataset {name!r} is not prepared in {b.data_dir_root}: prepare it first, e.g. for "
                      "imagenet2012 put ILSVRC2012_img_{train,val}.tar in <data_dir>/downloads/manual and run "
                      f"`tfds build {name} --data_dir <data_dir>` (see README)")
   return b
@@ -106,23 +110,64 @@ def _deterministic(ds):
   return ds.with_options(options)
 
 
-def train_dataset(config, *, local_batch: int, start_step: int, process_index: int, process_count: int):
+def data_shards(config, process_count: int) -> int:
+  """How many independently shuffled streams the train split is cut into: data.shards, or one per process."""
+  return config.data.get("shards", 0) or process_count
+
+
+class TrainBatches:
+  """Iterator of this process's batches; `corrupt` counts the examples skipped so far because they did not decode.
+
+  Each of the process's shards yields (raw position, example) pairs; an example whose decode fails is dropped, so
+  the gap between raw positions and delivered examples is the number skipped.
+  """
+
+  def __init__(self, datasets: list, start: int, per_shard: int):
+    self._iterators = [_deterministic(ds).as_numpy_iterator() for ds in datasets]
+    self._start, self._per_shard, self._delivered = start, per_shard, 0
+    self.corrupt = 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    parts = [next(it) for it in self._iterators]
+    self._delivered += self._per_shard
+    self.corrupt = sum(int(p["position"][-1]) + 1 - self._start - self._delivered for p in parts)
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k != "position"}
+
+
+def train_dataset(config, *, local_batch: int, start_step: int, process_index: int,
+                  process_count: int) -> TrainBatches:
   """Infinite iterator of this process's batches, starting at global step `start_step`.
 
-  The example order is a function of (seed, process) only and every example's augmentation is seeded by its
-  position in that order, so skipping start_step·local_batch (still undecoded) examples resumes exactly.
+  The train split is cut into `data_shards` shards; process p reads only its shards (consecutive ones) and its
+  batch is their per-shard batches concatenated, so the global batch depends on the shard count, not on how
+  many processes read it. A shard's example order is a function of (seed, shard) only and every example's
+  augmentation is seeded by its position in that order, so skipping start_step·(per-shard batch) still undecoded
+  examples resumes exactly. Examples that fail to decode (corrupt JPEGs) are skipped and counted.
   """
-  split = tfds.split_for_jax_process(config.data.train_split, process_index=process_index,
-                                     process_count=process_count)
-  seed = config.seed + 1000 * process_index
-  ds = _read(config, split, shuffle_seed=seed)
-  ds = ds.repeat().shuffle(config.data.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-  ds = ds.enumerate().skip(start_step * local_batch)
+  shards = data_shards(config, process_count)  # validate.check_batch has checked the divisions
+  per_process = shards // process_count
+  per_shard = local_batch // per_process
+  start = start_step * per_shard
+  mine = range(process_index * per_process, (process_index + 1) * per_process)
+  logging.info("process %d reads shard(s) %s of %d of %r from example %d of each", process_index, list(mine),
+               shards, config.data.train_split, start)
   labels = token_label_store(config)
-  ds = ds.map(lambda i, ex: decode_train(ex, tf.stack([tf.constant(seed, tf.int64), i]), config, labels),
-              num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-  return _deterministic(ds).as_numpy_iterator()
+  datasets = []
+  for shard in mine:
+    split = tfds.split_for_jax_process(config.data.train_split, process_index=shard, process_count=shards)
+    seed = config.seed + 1000 * shard
+    ds = _read(config, split, shuffle_seed=seed)
+    ds = ds.repeat().shuffle(config.data.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    ds = ds.enumerate().skip(start)
+    ds = ds.map(lambda i, ex, seed=seed: dict(decode_train(ex, tf.stack([tf.constant(seed, tf.int64), i]),
+                                                            config, labels), position=i),
+                num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.ignore_errors()  # a corrupt image raises in its decode: drop it (TrainBatches counts the gap)
+    datasets.append(ds.batch(per_shard, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
+  return TrainBatches(datasets, start, per_shard)
 
 
 def eval_dataset(config, *, local_batch: int, process_index: int, process_count: int):
@@ -134,6 +179,7 @@ def eval_dataset(config, *, local_batch: int, process_index: int, process_count:
   num_batches = -(-per_process // local_batch)
   ds = _read(config, shards[process_index], shuffle_seed=None)
   ds = ds.map(lambda ex: _decode_eval(ex, config), num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.ignore_errors()  # corrupt images are left out (and show as a count below the split's size)
   size = config.model.img_size
   padding = tf.data.Dataset.from_tensors({"image": tf.zeros((size, size, 3)), "label": tf.constant(0),
                                           "mask": tf.constant(0.0)}).repeat()

@@ -15,7 +15,9 @@ from flax import nnx
 
 from volo_jax.data import pipeline
 from volo_jax.models import create_model
-from volo_jax.train import checkpoint, optim, sharding, step as step_lib
+from volo_jax.train import checkpoint, optim, sharding, step as step_lib, validate
+from volo_jax.train.errors import ConfigError, DivergedError
+from volo_jax.train.preemption import PreemptionWatch
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -46,19 +48,16 @@ class Setup:
   """Everything derived from the config before the first step: mesh, sizes, model graph, step functions."""
 
   def __init__(self, config, *, for_training: bool = True):
-    if for_training and config.get("finetune") and not config.get("init_from"):
-      raise ValueError(f"{config.get('experiment', 'this experiment')} fine-tunes a pretrained model: "
-                       "set --config.init_from=<workdir, converted dir or .pth.tar>")
+    validate.check_config(config, for_training=for_training)
     self.config = config
     if for_training:
       _check_token_labels(config)
     self.mesh = sharding.make_mesh(config)
-    sharding.check_batch_size(config.batch_size, self.mesh)
     self.info = pipeline.dataset_info(config)
     self.local_batch = config.batch_size // jax.process_count()
     self.steps_per_epoch = self.info.num_train // config.batch_size
     if self.steps_per_epoch == 0:
-      raise ValueError(f"batch_size {config.batch_size} exceeds the {self.info.num_train} training examples")
+      raise ConfigError(f"batch_size {config.batch_size} exceeds the {self.info.num_train} training examples")
     self.total_steps = config.get("total_steps") or optim.total_steps(config, self.steps_per_epoch)
     self.tx = optim.make_optimizer(config, self.steps_per_epoch)
     abstract_model = nnx.eval_shape(lambda: build_model(config, self.info.num_classes))
@@ -72,7 +71,7 @@ class Setup:
       model = build_model(self.config, self.info.num_classes)
     _, params, batch_stats, _ = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "batch_stats": batch_stats,
-             "opt_state": self.tx.init(params)}
+             "opt_state": self.tx.init(params), "skipped_batches": jnp.zeros((), jnp.int32)}
     if self.config.get("ema_decay", 0.0) > 0:
       state["ema_params"] = params
     return state
@@ -89,7 +88,10 @@ class Setup:
     for batch in batches:
       counts = eval_step(state, sharding.global_batch(batch, self.mesh))
       totals = {k: totals[k] + float(counts[k]) for k in totals}
-    return {"top1": totals["top1"] / totals["count"], "top5": totals["top5"] / totals["count"],
+    if int(totals["count"]) < self.info.num_eval:
+      logging.warning("eval: %d of %d images did not decode and were left out",
+                      self.info.num_eval - int(totals["count"]), self.info.num_eval)
+    return {"top1": totals["top1"] / max(totals["count"], 1), "top5": totals["top5"] / max(totals["count"], 1),
             "count": int(totals["count"])}
 
   def jit_eval_step(self, use_ema: bool):
@@ -104,18 +106,26 @@ class Setup:
     return jax.device_put(weights, {k: self.state_sharding[k] for k in weights})
 
 
-def _initial_state(setup: Setup, ckpt: checkpoint.Checkpointer):
-  """Resume order: latest checkpoint in the workdir, else config.init_from, else a fresh init."""
+def _pretrained_model(setup: Setup, workdir: str):
+  """init_from's weights as a host model when the run starts from them (the workdir holds no checkpoint yet).
+  Loaded before the workdir is touched, so that a missing, truncated or incompatible init_from changes nothing."""
   config = setup.config
+  if not config.get("init_from") or checkpoint.has_checkpoint(workdir):
+    return None
+  model = build_model(config, setup.info.num_classes)
+  report = checkpoint.load_pretrained(model, config.init_from)
+  logging.info("initialised from %s: %s", config.init_from, report)
+  return model
+
+
+def _initial_state(setup: Setup, ckpt: checkpoint.Checkpointer, pretrained):
+  """Resume order: latest checkpoint in the workdir, else the init_from model, else a fresh init."""
   latest = ckpt.latest_step()
   if latest is not None:
     logging.info("resuming from step %d", latest)
     return ckpt.restore(latest, setup.sharded_abstract_state())
-  if config.get("init_from"):
-    model = build_model(config, setup.info.num_classes)
-    report = checkpoint.load_pretrained(model, config.init_from)
-    logging.info("initialised from %s: %s", config.init_from, report)
-    return jax.device_put(setup.init_state(model), setup.state_sharding)
+  if pretrained is not None:
+    return jax.device_put(setup.init_state(pretrained), setup.state_sharding)
   return jax.jit(setup.init_state, out_shardings=setup.state_sharding)()
 
 
@@ -127,11 +137,12 @@ def _write_config(config, workdir: str, num_classes: int) -> None:
     with open(path) as f:
       previous = json.load(f)["model"]
     if previous != resolved["model"] and not config.get("force_resume"):
-      raise ValueError(f"{workdir} holds a run of model {previous}, not {resolved['model']}; use a new workdir "
+      raise ConfigError(f"{workdir} holds a run of model {previous}, not {resolved['model']}; use a new workdir "
                        "(or --config.force_resume=True)")
-  if jax.process_index() == 0:
-    with open(path, "w") as f:
+  if jax.process_index() == 0:  # written whole then renamed: the other processes may be reading it right now
+    with open(path + ".tmp", "w") as f:
       json.dump(resolved, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 class _Progress:
@@ -165,14 +176,36 @@ class _Progress:
       self.writer.close()
 
 
+def _check_finite(pending: list, config, ckpt, progress) -> dict:
+  """Fetches the metrics of the steps run since the last check and acts on non-finite ones: 'stop' raises,
+  naming the first bad step (that step and later ones are never saved); 'skip' logs each skipped batch (the
+  step left the state unchanged). Returns the host metrics of the last step."""
+  host = jax.device_get([metrics for _, metrics in pending])
+  for (step, _), metrics in zip(pending, host):
+    if np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"]):
+      continue
+    if config.get("nonfinite", "stop") == "stop":
+      ckpt.wait()
+      raise DivergedError(f"loss {metrics['loss']} / gradient norm {metrics['grad_norm']} at step {step}: stopped, "
+                          f"the last good checkpoint is step {ckpt.latest_step()} (--config.nonfinite=skip skips "
+                          "such batches instead)")
+    logging.warning("step %d: loss %s / gradient norm %s is not finite: batch skipped (%d skipped in all)", step,
+                    metrics["loss"], metrics["grad_norm"], metrics["skipped_batches"])
+    progress.scalars(step, {"train/skipped_batches": int(metrics["skipped_batches"])})
+  return host[-1]
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains config's experiment in workdir (resuming if it holds checkpoints); returns the last eval metrics."""
-  os.makedirs(workdir, exist_ok=True)
-  setup = Setup(config)
+  """Trains config's experiment in workdir (resuming if it holds checkpoints); returns the last eval metrics.
+
+  Stops early, with a checkpoint at the current step, when SIGTERM arrives (see preemption.py)."""
+  setup = Setup(config)  # validates the config before the workdir is touched
+  pretrained = _pretrained_model(setup, workdir)
+  checkpoint.check_workdir(workdir)
   _write_config(config, workdir, setup.info.num_classes)
   ckpt = checkpoint.Checkpointer(workdir, config)
   jax.set_mesh(setup.mesh)
-  state = _initial_state(setup, ckpt)
+  state = _initial_state(setup, ckpt, pretrained)
   start = int(state["step"])
   train_step = jax.jit(
       step_lib.make_train_step(setup.graphdef, setup.rng_template, setup.tx, config, setup.info.num_classes),
@@ -183,40 +216,50 @@ def train_and_evaluate(config, workdir: str) -> dict:
   batches = pipeline.train_dataset(config, local_batch=setup.local_batch, start_step=start,
                                    process_index=jax.process_index(), process_count=jax.process_count())
   progress = _Progress(workdir, setup.total_steps, start)
-  eval_every = config.eval_every_epochs * setup.steps_per_epoch
+  preemption = PreemptionWatch(ckpt)
+  eval_every = config.eval_every_epochs * setup.steps_per_epoch  # 0: no evaluation
   logging.info("%d steps (%d per epoch), global batch %d on %d devices, %d processes", setup.total_steps,
                setup.steps_per_epoch, config.batch_size, jax.device_count(), jax.process_count())
-  eval_metrics, window_start, window_steps, t0 = {}, time.time(), 0, time.time()
-  for step in range(start, setup.total_steps):
-    state, metrics = train_step(state, sharding.global_batch(next(batches), setup.mesh))
-    done = step + 1
-    window_steps += 1
-    if done % config.log_every_steps == 0 or done == setup.total_steps:
-      metrics = jax.device_get(metrics)
-      if not np.isfinite(metrics["loss"]):
-        raise FloatingPointError(f"loss is {metrics['loss']} at step {done}; last good checkpoint kept")
-      elapsed = time.time() - window_start
-      images_per_sec = window_steps * config.batch_size / elapsed
-      eta = (setup.total_steps - done) * elapsed / window_steps
-      lr = float(lr_fn(step))
-      logging.info("step %d/%d epoch %.2f loss %.4f acc %.3f lr %.3g %.1f img/s ETA %.0fs", done,
-                   setup.total_steps, done / setup.steps_per_epoch, metrics["loss"], metrics["accuracy"], lr,
-                   images_per_sec, eta)
-      progress.scalars(done, {"train/loss": metrics["loss"], "train/lr": lr, "train/accuracy": metrics["accuracy"],
-                              "perf/images_per_sec": images_per_sec})
-      progress.advance(window_steps, {"loss": f"{metrics['loss']:.3f}"})
-      window_start, window_steps = time.time(), 0
-    ckpt.save(done, state, force=done == setup.total_steps)
-    if ckpt.reached_preemption(done):
-      ckpt.save(done, state, force=True)
-      logging.warning("preempted at step %d: checkpoint saved, exiting", done)
-      break
-    if done % eval_every == 0 or done == setup.total_steps:
-      eval_metrics = setup.evaluate(state, eval_step)
-      logging.info("eval at step %d: top-1 %.4f top-5 %.4f (%d images)", done, eval_metrics["top1"],
-                   eval_metrics["top5"], eval_metrics["count"])
-      progress.scalars(done, {"eval/top1": eval_metrics["top1"], "eval/top5": eval_metrics["top5"]})
-  progress.close()
-  ckpt.close()
+  eval_metrics, window_start, window_steps, t0, corrupt = {}, time.time(), 0, time.time(), 0
+  pending = []  # (step, device metrics) not yet checked for NaN/inf: checked before every log and save
+  try:
+    for step in range(start, setup.total_steps):
+      state, metrics = train_step(state, sharding.global_batch(next(batches), setup.mesh))
+      done = step + 1
+      window_steps += 1
+      pending.append((done, metrics))
+      preempted = preemption.reached(done)
+      saving = preempted or done == setup.total_steps or ckpt.should_save(done)
+      if saving or done % config.log_every_steps == 0:
+        metrics, pending = _check_finite(pending, config, ckpt, progress), []
+        elapsed = time.time() - window_start
+        images_per_sec = window_steps * config.batch_size / elapsed
+        eta = (setup.total_steps - done) * elapsed / window_steps
+        lr = float(lr_fn(step))
+        logging.info("step %d/%d epoch %.2f loss %.4f acc %.3f lr %.3g %.1f img/s ETA %.0fs", done,
+                     setup.total_steps, done / setup.steps_per_epoch, metrics["loss"], metrics["accuracy"], lr,
+                     images_per_sec, eta)
+        progress.scalars(done, {"train/loss": metrics["loss"], "train/lr": lr,
+                                "train/accuracy": metrics["accuracy"], "perf/images_per_sec": images_per_sec})
+        progress.advance(window_steps, {"loss": f"{metrics['loss']:.3f}"})
+        window_start, window_steps = time.time(), 0
+        if batches.corrupt > corrupt:
+          corrupt = batches.corrupt
+          logging.warning("process %d: %d images that did not decode skipped so far", jax.process_index(), corrupt)
+      if saving:
+        ckpt.save(done, state, force=True)
+      if preempted:
+        ckpt.wait()
+        logging.warning("preempted at step %d: checkpoint saved, exiting", done)
+        break
+      if eval_every and (done % eval_every == 0 or done == setup.total_steps):
+        eval_metrics = setup.evaluate(state, eval_step)
+        logging.info("eval at step %d: top-1 %.4f top-5 %.4f (%d images)", done, eval_metrics["top1"],
+                     eval_metrics["top5"], eval_metrics["count"])
+        progress.scalars(done, {"eval/top1": eval_metrics["top1"], "eval/top5": eval_metrics["top5"]})
+  finally:
+    preemption.close()
+    progress.close()
+    ckpt.close()
   logging.info("finished in %.0fs", time.time() - t0)
   return eval_metrics

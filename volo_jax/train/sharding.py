@@ -16,19 +16,11 @@ MIN_SHARDED_SIZE = 2**14  # smaller tensors are replicated: splitting them costs
 
 
 def make_mesh(config) -> jax.sharding.Mesh:
-  """(data, fsdp) mesh over all devices of all processes; mesh.data = -1 takes what fsdp leaves."""
-  devices = jax.device_count()
+  """(data, fsdp) mesh over all devices of all processes; mesh.data = -1 takes what fsdp leaves (validate.py has
+  checked that the two cover the devices)."""
   fsdp = config.mesh.fsdp
-  data = config.mesh.data if config.mesh.data > 0 else devices // fsdp
-  if data * fsdp != devices:
-    raise ValueError(f"mesh data={data} × fsdp={fsdp} does not cover the {devices} devices")
+  data = config.mesh.data if config.mesh.data > 0 else jax.device_count() // fsdp
   return jax.make_mesh((data, fsdp), ("data", "fsdp"), axis_types=(AxisType.Auto, AxisType.Auto))
-
-
-def check_batch_size(global_batch: int, mesh) -> None:
-  devices, processes = mesh.devices.size, jax.process_count()
-  if global_batch % devices or global_batch % processes:
-    raise ValueError(f"batch_size {global_batch} is not divisible by the {devices} devices / {processes} processes")
 
 
 def batch_sharding(mesh) -> NamedSharding:

@@ -1,7 +1,7 @@
 """Pure step functions: the loss, one jitted-able train step (forward, backward, AdamW, EMA) and the eval step.
 
 The train state is a dict of pytrees: step, params (nnx.State of Params), batch_stats (BatchNorm running
-statistics), opt_state and optionally ema_params. Random streams are not state: every step derives fresh keys
+statistics), opt_state, skipped_batches (steps whose loss or gradient was not finite) and optionally ema_params. Random streams are not state: every step derives fresh keys
 from (seed, step), so a resumed run draws exactly what an uninterrupted one would.
 """
 
@@ -38,6 +38,9 @@ def fresh_rng_state(template: nnx.State, key: jax.Array) -> nnx.State:
   return nnx.from_flat_state(leaves)
 
 
+GUARDED = ("params", "batch_stats", "opt_state", "ema_params")  # what a non-finite step leaves unchanged
+
+
 def make_train_step(graphdef, rng_template, tx: optax.GradientTransformation, config, num_classes: int):
   """(state, batch) → (state, metrics); batch = {'image': (B, H, W, 3) float32, 'label': (B,) int32}, and with
   token labeling the label maps, crop boxes and flips that token_label.build_targets turns into targets."""
@@ -70,17 +73,26 @@ def make_train_step(graphdef, rng_template, tx: optax.GradientTransformation, co
     if mixing:
       mix_key = jax.random.fold_in(step_key, 2**31 - 1)  # beyond any RNG-stream index
       images, targets = mixup.mix(mix_key, images, targets, **mix_config.to_dict())
+    # The forward writes the running statistics into the BatchStat variables it was merged from: copy the inputs
+    # first, for the non-finite guard below.
+    before = jax.tree.map(lambda x: x, {k: state[k] for k in GUARDED if k in state})
     model = nnx.merge(graphdef, state["params"], state["batch_stats"], rng_state)
     model.train()
     (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, images, targets)  # Param grads
     batch_stats = nnx.state(model, nnx.BatchStat)  # running statistics updated by the forward
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    new_state = dict(state, step=state["step"] + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+    updated = {"params": params, "batch_stats": batch_stats, "opt_state": opt_state}
     if "ema_params" in state:
-      new_state["ema_params"] = optax.incremental_update(params, state["ema_params"], 1.0 - ema_decay)
-    metrics = {"loss": loss, "accuracy": (logits.argmax(-1) == batch["label"]).mean(),
-               "grad_norm": optax.global_norm(grads)}
+      updated["ema_params"] = optax.incremental_update(params, state["ema_params"], 1.0 - ema_decay)
+    # A non-finite loss or gradient leaves the state as it was (the host stops or counts the skip, per config).
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updated = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, before)
+    skipped = state["skipped_batches"] + jnp.where(finite, 0, 1).astype(state["skipped_batches"].dtype)
+    new_state = dict(state, step=state["step"] + 1, skipped_batches=skipped, **updated)
+    metrics = {"loss": loss, "accuracy": (logits.argmax(-1) == batch["label"]).mean(), "grad_norm": grad_norm,
+               "skipped_batches": skipped}
     return new_state, metrics
 
   return train_step
