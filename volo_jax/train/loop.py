@@ -129,6 +129,11 @@ def _initial_state(setup: Setup, ckpt: checkpoint.Checkpointer, pretrained):
   return jax.jit(setup.init_state, out_shardings=setup.state_sharding)()
 
 
+def _model_identity(model_config: dict) -> dict:
+  """The model settings a checkpoint depends on: `remat` only trades memory for time, so it may change on resume."""
+  return {k: v for k, v in model_config.items() if k != "remat"}
+
+
 def _write_config(config, workdir: str, num_classes: int) -> None:
   resolved = json.loads(config.to_json())
   resolved["model"]["num_classes"] = num_classes
@@ -136,7 +141,7 @@ def _write_config(config, workdir: str, num_classes: int) -> None:
   if os.path.exists(path):
     with open(path) as f:
       previous = json.load(f)["model"]
-    if previous != resolved["model"] and not config.get("force_resume"):
+    if _model_identity(previous) != _model_identity(resolved["model"]) and not config.get("force_resume"):
       raise ConfigError(f"{workdir} holds a run of model {previous}, not {resolved['model']}; use a new workdir "
                        "(or --config.force_resume=True)")
   if jax.process_index() == 0:  # written whole then renamed: the other processes may be reading it right now
