@@ -34,7 +34,7 @@ def _check_case(case: dict, input_images: int):
 def test_bench_writes_every_case_to_json(tmp_path):
   out = tmp_path / "bench.json"
   returned = bench.main(["--model", "volo_d1", "--img-size", "32", "--batch", "8", "--mode", "infer,train,input",
-                         "--compare-torch", "--no-torch-compile", "--runs", "2", "--warmup", "1",
+                         "--compare-torch", "--no-torch-compile", "--runs", "1", "--warmup", "0",
                          "--input-images", "4", "--outlook-breakdown", "--json", str(out)])
   results = json.loads(out.read_text())
   assert results == json.loads(json.dumps(returned))

@@ -172,8 +172,7 @@ def test_sharded_train_step_with_stacked_blocks():
   keys = nnx.to_flat_state(step_lib.fresh_rng_state(rng_template, jax.random.key(0)))
   assert {v.get_value().shape for p, v in keys if "blocks" in p} == {(4,)}
   tx = optim.make_optimizer(config, steps_per_epoch=10)
-  state = {"step": jnp.zeros((), jnp.int32), "params": params, "batch_stats": batch_stats,
-           "opt_state": tx.init(params)}
+  state = step_lib.initial_state(params, batch_stats, tx)
   shardings = sharding.state_shardings(state, mesh)
   assert shardings["params"]["network"][2]["blocks"]["mlp"]["fc1"]["kernel"].spec == P(None, None, "fsdp")
   assert sharding.state_shardings({"blocks": jnp.zeros((32, 3, 999))}, mesh)["blocks"].spec == P()

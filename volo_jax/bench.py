@@ -154,7 +154,8 @@ def jax_infer(args) -> tuple[dict, callable]:
   images = jax.device_put(_images(args), jax.NamedSharding(mesh, jax.P("data")))
   state = jax.device_put(state, jax.NamedSharding(mesh, jax.P()))
   forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
-  compiled, compile_s, flops, buffer_bytes = _compiled_facts(forward.lower(state, images))
+  with jax.set_mesh(mesh):  # ours, whatever mesh the caller set globally
+    compiled, compile_s, flops, buffer_bytes = _compiled_facts(forward.lower(state, images))
   facts = dict(compile_time_s=compile_s, flops_per_call=flops, compiled_buffer_bytes=buffer_bytes)
   return facts, lambda: compiled(state, images).block_until_ready()
 
@@ -183,13 +184,13 @@ def jax_train(args) -> tuple[dict, callable]:
   graphdef, params, batch_stats, rng_template = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
   tx = optim.make_optimizer(config, steps_per_epoch=1000)
   replicated = jax.NamedSharding(mesh, jax.P())
-  state = jax.device_put({"step": jnp.zeros((), jnp.int32), "params": params, "batch_stats": batch_stats,
-                          "opt_state": tx.init(params)}, replicated)
+  state = jax.device_put(step_lib.initial_state(params, batch_stats, tx), replicated)
   data = jax.NamedSharding(mesh, jax.P("data"))
   batch = {"image": jax.device_put(_images(args), data),
            "label": jax.device_put(jnp.arange(args.batch, dtype=jnp.int32) % 1000, data)}
   step = jax.jit(step_lib.make_train_step(graphdef, rng_template, tx, config, 1000), donate_argnums=0)
-  compiled, compile_s, flops, buffer_bytes = _compiled_facts(step.lower(state, batch))
+  with jax.set_mesh(mesh):  # ours, whatever mesh the caller set globally
+    compiled, compile_s, flops, buffer_bytes = _compiled_facts(step.lower(state, batch))
   holder = [state]
 
   def run():

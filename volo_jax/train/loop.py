@@ -70,11 +70,7 @@ class Setup:
     if model is None:
       model = build_model(self.config, self.info.num_classes)
     _, params, batch_stats, _ = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "batch_stats": batch_stats,
-             "opt_state": self.tx.init(params), "skipped_batches": jnp.zeros((), jnp.int32)}
-    if self.config.get("ema_decay", 0.0) > 0:
-      state["ema_params"] = params
-    return state
+    return step_lib.initial_state(params, batch_stats, self.tx, ema=self.config.get("ema_decay", 0.0) > 0)
 
   def sharded_abstract_state(self):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.abstract_state,

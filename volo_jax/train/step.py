@@ -41,6 +41,16 @@ def fresh_rng_state(template: nnx.State, key: jax.Array) -> nnx.State:
 GUARDED = ("params", "batch_stats", "opt_state", "ema_params")  # what a non-finite step leaves unchanged
 
 
+def initial_state(params: nnx.State, batch_stats: nnx.State, tx: optax.GradientTransformation, *,
+                  ema: bool = False) -> dict:
+  """The train state at step 0 for these weights: what make_train_step's step consumes and returns."""
+  state = {"step": jnp.zeros((), jnp.int32), "params": params, "batch_stats": batch_stats,
+           "opt_state": tx.init(params), "skipped_batches": jnp.zeros((), jnp.int32)}
+  if ema:
+    state["ema_params"] = params
+  return state
+
+
 def make_train_step(graphdef, rng_template, tx: optax.GradientTransformation, config, num_classes: int):
   """(state, batch) → (state, metrics); batch = {'image': (B, H, W, 3) float32, 'label': (B,) int32}, and with
   token labeling the label maps, crop boxes and flips that token_label.build_targets turns into targets."""
