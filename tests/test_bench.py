@@ -33,9 +33,12 @@ def _check_case(case: dict, input_images: int):
 @pytest.mark.slow
 def test_bench_writes_every_case_to_json(tmp_path):
   out = tmp_path / "bench.json"
-  returned = bench.main(["--model", "volo_d1", "--img-size", "32", "--batch", "8", "--mode", "infer,train,input",
-                         "--compare-torch", "--no-torch-compile", "--runs", "1", "--warmup", "0",
-                         "--input-images", "4", "--outlook-breakdown", "--json", str(out)])
+  # Another module's trainer may have left its (data, fsdp) mesh set globally: the bench must not care.
+  with jax.set_mesh(jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)):
+    returned = bench.main(["--model", "volo_d1", "--img-size", "32", "--batch", "8", "--mode",
+                           "infer,train,input",
+                           "--compare-torch", "--no-torch-compile", "--runs", "1", "--warmup", "0",
+                           "--input-images", "4", "--outlook-breakdown", "--json", str(out)])
   results = json.loads(out.read_text())
   assert results == json.loads(json.dumps(returned))
   assert results["machine"]["backend"] == jax.default_backend() and results["machine"]["torch_threads"] >= 1

@@ -154,8 +154,7 @@ def jax_infer(args) -> tuple[dict, callable]:
   images = jax.device_put(_images(args), jax.NamedSharding(mesh, jax.P("data")))
   state = jax.device_put(state, jax.NamedSharding(mesh, jax.P()))
   forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
-  with jax.set_mesh(mesh):  # ours, whatever mesh the caller set globally
-    compiled, compile_s, flops, buffer_bytes = _compiled_facts(forward.lower(state, images))
+  compiled, compile_s, flops, buffer_bytes = _compiled_facts(forward.lower(state, images))
   facts = dict(compile_time_s=compile_s, flops_per_call=flops, compiled_buffer_bytes=buffer_bytes)
   return facts, lambda: compiled(state, images).block_until_ready()
 
@@ -189,8 +188,7 @@ def jax_train(args) -> tuple[dict, callable]:
   batch = {"image": jax.device_put(_images(args), data),
            "label": jax.device_put(jnp.arange(args.batch, dtype=jnp.int32) % 1000, data)}
   step = jax.jit(step_lib.make_train_step(graphdef, rng_template, tx, config, 1000), donate_argnums=0)
-  with jax.set_mesh(mesh):  # ours, whatever mesh the caller set globally
-    compiled, compile_s, flops, buffer_bytes = _compiled_facts(step.lower(state, batch))
+  compiled, compile_s, flops, buffer_bytes = _compiled_facts(step.lower(state, batch))
   holder = [state]
 
   def run():
@@ -392,7 +390,9 @@ def run(args) -> dict:
     if mode == "input":
       cases += [_finish_case(c, args, mode, peak) for c in input_cases(args, args.compare_torch)]
       continue
-    jax_facts, jax_run = jax_infer(args) if mode == "infer" else jax_train(args)
+    data_mesh = jax.make_mesh((jax.local_device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    with jax.set_mesh(data_mesh):  # built and lowered under our mesh, whatever mesh a caller set globally
+      jax_facts, jax_run = jax_infer(args) if mode == "infer" else jax_train(args)
     runners = [(dict(framework="jax", **jax_facts), jax_run)]
     runners += torch_runners(args, mode) if args.compare_torch else []
     timed = [(facts, run) for facts, run in runners if run is not None]
