@@ -63,7 +63,7 @@ def test_bench_refuses_unknown_mode():
     bench.parse_args(["--mode", "infer,fast"])
 
 
-@pytest.mark.parametrize("name", ["volo_d1", "volo_d2"])
+@pytest.mark.parametrize("name", ["volo_d1"])
 def test_xla_flop_count_matches_the_paper(name):
   """The paper's FLOPs are multiply-adds: XLA's count of our eval forward at 224 is 2× that, within 7%
   (XLA also counts softmax, norms, GELU and the aux head)."""
