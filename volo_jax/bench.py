@@ -135,7 +135,7 @@ def _jax_model(args, *, train: bool):
     extra["remat"] = args.remat
   return create_model(args.model, img_size=args.img_size, num_classes=1000, seed=0,
                       drop_path_rate=args.drop_path_rate if train else 0.0,
-                      dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32, **extra)
+                      dtype=jnp.dtype(args.dtype), **extra)
 
 
 def _images(args):
@@ -143,11 +143,10 @@ def _images(args):
   return np.random.default_rng(0).standard_normal((args.batch, args.img_size, args.img_size, 3)).astype("float32")
 
 
-def jax_infer(args) -> tuple[dict, callable]:
+def jax_infer(args, mesh) -> tuple[dict, callable]:
   """The eval forward (class + aux head), jitted over the split model state, data parallel over local devices."""
   import jax  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  mesh = jax.make_mesh((jax.local_device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   model = _jax_model(args, train=False)
   model.eval()
   graphdef, state = nnx.split(model)
@@ -171,14 +170,13 @@ def _train_config(args):
   return config
 
 
-def jax_train(args) -> tuple[dict, callable]:
+def jax_train(args, mesh) -> tuple[dict, callable]:
   """One full train step as the trainer runs it: forward, backward, AdamW, donated state, data parallel."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from volo_jax.train import optim, step as step_lib  # pylint: disable=import-outside-toplevel
   config = _train_config(args)
-  mesh = jax.make_mesh((jax.local_device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   model = _jax_model(args, train=True)
   graphdef, params, batch_stats, rng_template = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
   tx = optim.make_optimizer(config, steps_per_epoch=1000)
@@ -206,7 +204,7 @@ def outlook_share(args, step_result) -> dict:
   from volo_jax.models.outlook import OutlookAttention  # pylint: disable=import-outside-toplevel
   from volo_jax.models.volo import PATCH_SIZE, VARIANTS, parse_model_name  # pylint: disable=import-outside-toplevel
   variant = VARIANTS[parse_model_name(args.model)[0]]
-  dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+  dtype = jnp.dtype(args.dtype)
   graphdef, state = nnx.split(OutlookAttention(variant.embed_dims[0], variant.num_heads[0], dtype=dtype,
                                                rngs=nnx.Rngs(0)))
   side = args.img_size // PATCH_SIZE  # stage 1 runs on the stride-8 map
@@ -392,7 +390,7 @@ def run(args) -> dict:
       continue
     data_mesh = jax.make_mesh((jax.local_device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     with jax.set_mesh(data_mesh):  # built and lowered under our mesh, whatever mesh a caller set globally
-      jax_facts, jax_run = jax_infer(args) if mode == "infer" else jax_train(args)
+      jax_facts, jax_run = jax_infer(args, data_mesh) if mode == "infer" else jax_train(args, data_mesh)
     runners = [(dict(framework="jax", **jax_facts), jax_run)]
     runners += torch_runners(args, mode) if args.compare_torch else []
     timed = [(facts, run) for facts, run in runners if run is not None]
