@@ -43,6 +43,8 @@ def _initialize_distributed(jax) -> None:
 
 def main(argv):
   del argv
+  from volo_jax import host_memory  # pylint: disable=import-outside-toplevel
+  host_memory.tune_for_cpu_backend()  # before JAX starts its CPU client
   logging.get_absl_handler().addFilter(_QuietLibraries())
   import jax  # pylint: disable=import-outside-toplevel
   if _wants_distributed():

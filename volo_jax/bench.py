@@ -46,6 +46,9 @@ def parse_args(argv):
                  help="--mode train: time and FLOPs of the stage-1 outlook attention layers alone")
   p.add_argument("--trace", default="", help="write a jax.profiler trace of the timed JAX runs to this dir")
   p.add_argument("--json", default="", help="write the results here")
+  p.add_argument("--default-malloc", action="store_true",
+                 help="leave glibc's malloc as it is (by default, on a host without an accelerator, freed memory "
+                      "is kept in the process for both frameworks: see volo_jax/host_memory.py)")
   args = p.parse_args(argv)
   args.modes = [m.strip() for m in args.mode.split(",") if m.strip()]
   unknown = sorted(set(args.modes) - set(MODES))
@@ -372,6 +375,8 @@ def _finish_case(case: dict, args, mode: str, peak: dict | None) -> dict:
 
 
 def run(args) -> dict:
+  from volo_jax import host_memory  # pylint: disable=import-outside-toplevel
+  args.host_memory_retained = not args.default_malloc and host_memory.tune_for_cpu_backend()
   if args.compare_torch:
     import torch  # pylint: disable=import-outside-toplevel  # before TensorFlow: the reverse order can crash
     import torchvision  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
@@ -422,7 +427,8 @@ def machine_facts(args) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   facts = {"backend": jax.default_backend(), "device_kind": jax.local_devices()[0].device_kind,
            "local_devices": jax.local_device_count(), "cpu_count": os.cpu_count(),
-           "platform": platform.platform(), "jax": jax.__version__}
+           "platform": platform.platform(), "jax": jax.__version__,
+           "host_memory_retained": getattr(args, "host_memory_retained", False)}
   if args.compare_torch:
     import torch  # pylint: disable=import-outside-toplevel
     facts.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
