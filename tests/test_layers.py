@@ -1,4 +1,5 @@
-"""layers.conv2d: the im2col-matmul convolution XLA:CPU uses equals XLA's native convolution, values and grads."""
+"""layers.conv2d: the im2col-matmul convolution XLA:CPU uses (strided slices, or a space-to-depth reshape for
+non-overlapping patches) equals XLA's native convolution, values and grads."""
 
 import jax
 import jax.numpy as jnp
@@ -9,12 +10,13 @@ from flax import nnx
 from volo_jax.models import layers as L
 
 
-@pytest.mark.parametrize("kernel,stride,padding,bias", [(7, 2, 3, False), (3, 1, 1, False), (4, 4, 0, True),
-                                                        (2, 2, 0, True)])
-def test_conv_as_patch_matmul_equals_native_convolution(kernel, stride, padding, bias):
+@pytest.mark.parametrize("kernel,stride,padding,bias,size", [
+    (7, 2, 3, False, 24), (3, 1, 1, False, 24), (4, 4, 0, True, 24), (2, 2, 0, True, 24),
+    (4, 4, 0, False, 26)])  # the last: VALID drops the rows and columns a whole patch does not cover
+def test_conv_as_patch_matmul_equals_native_convolution(kernel, stride, padding, bias, size):
   conv = nnx.Conv(8, 16, (kernel, kernel), strides=stride, use_bias=bias, rngs=nnx.Rngs(0),
                   padding=((padding, padding), (padding, padding)) if padding else "VALID")
-  x = jax.random.normal(jax.random.key(1), (2, 24, 24, 8))
+  x = jax.random.normal(jax.random.key(1), (2, size, size, 8))
   graphdef, state = nnx.split(conv)
 
   def loss(state, x, as_matmul):

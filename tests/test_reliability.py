@@ -88,7 +88,8 @@ def assert_states_equal(a, b):
 def assert_states_close(a, b, lr: float):
   """Equal to float32 round-off across process layouts and meshes. The all-reduces sum in another order, and
   Adam's division by sqrt(v) magnifies that in near-zero gradient components to a visible part of one update
-  (lr) in a few elements; so: all but 1 in 10⁴ elements within 1e-5 (+1e-4 relative), every one within lr/2.
+  (lr) in a few elements, more the more steps follow; so: all but 1 in 10³ elements within 1e-5 (+1e-4
+  relative), every one within lr/2 (seen: 8 elements of 3.5 M after 4 steps, 429 after 6 with a mesh change).
   A different batch would move nearly every element by about lr."""
   assert jax.tree.structure(a) == jax.tree.structure(b)
   off, total = 0, 0
@@ -96,7 +97,7 @@ def assert_states_close(a, b, lr: float):
     diff = np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))
     assert diff.max() <= lr / 2
     off, total = off + int((diff > 1e-5 + 1e-4 * np.abs(y)).sum()), total + diff.size
-  assert off <= 1e-4 * total, f"{off} of {total} elements differ by more than round-off"
+  assert off <= 1e-3 * total, f"{off} of {total} elements differ by more than round-off"
 
 
 def tensorboard(workdir: str) -> tuple[dict, set]:
@@ -361,7 +362,8 @@ def test_sigterm_and_kill_9_resume_to_the_uninterrupted_parameters(data_dir, cac
   assert run.finish(timeout=60) == 0, run.log()[-3000:]
   grace = time.time() - sent
   stopped = int(re.search(r"preempted at step (\d+): checkpoint saved", run.log()).group(1))
-  assert 3 <= stopped < total and checkpoint_steps(broken)[-1] == stopped and grace < 30
+  # Saved and gone well before the end (a quiet run takes ≈ 5 s; 43 s was seen with the other CI worker busy).
+  assert 3 <= stopped < total and checkpoint_steps(broken)[-1] == stopped and grace < 60
 
   run = Run(train_py(broken, data_dir, total, checkpoint_every_steps=1), env)
   run.wait_for_step(stopped + 2)

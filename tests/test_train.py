@@ -72,28 +72,6 @@ def test_digits_training_on_a_4x2_mesh(straight_run):
   assert {"train/loss", "train/lr", "eval/top1", "eval/top5", "perf/images_per_sec"} <= tags
 
 
-def test_interrupted_run_resumes_to_the_same_parameters(straight_run, data_dir, tmp_path):
-  """4 steps, stop, restart to 8 steps == 8 steps straight (bit-for-bit on CPU): same data, lr and RNG."""
-  config, straight, _ = straight_run
-  interrupted = str(tmp_path / "interrupted")
-  first = tiny_config(data_dir, total_steps=4)
-  first.model.drop_path_rate = 0.1
-  loop.train_and_evaluate(first, interrupted)
-  loop.train_and_evaluate(config, interrupted)
-  a, b = _final_params(straight, config), _final_params(interrupted, config)
-  assert int(a["step"]) == int(b["step"]) == 8
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-def test_resuming_with_another_model_is_refused(straight_run, data_dir):
-  _, workdir, _ = straight_run
-  other = tiny_config(data_dir, total_steps=10)
-  other.model.img_size = 48
-  with pytest.raises(ValueError, match="holds a run of model"):
-    loop.train_and_evaluate(other, workdir)
-
-
 def test_train_py_fine_tunes_from_a_training_workdir_at_another_size(straight_run, data_dir, tmp_path):
   """The command line a user runs: train.py with --config overrides, on 8 devices, starting from a workdir."""
   config, source, _ = straight_run

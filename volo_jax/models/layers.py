@@ -57,7 +57,9 @@ class Attention(nnx.Module):
     # Heads-first operands make both products plain batched matmuls; einsums over the (B, N, heads, hd)
     # layout ran 5.6× slower on XLA:CPU (87 vs 15.6 ms at d1's stage-2 shape, batch 8).
     q, k, v = jnp.transpose(qkv, (2, 0, 3, 1, 4))  # 3 × (B, heads, N, head_dim)
-    attn = _softmax_f32(jnp.einsum("bnqd,bnkd->bnqk", q, k) * self.scale, v.dtype)
+    # Scaling q rather than the N×N scores (as PyTorch does) is the same product to float rounding and saves
+    # a pass over the scores forward and backward: fwd+bwd 72.9 → 56.6 ms at d1's stage-2 shape, batch 8.
+    attn = _softmax_f32(jnp.einsum("bnqd,bnkd->bnqk", q * self.scale, k), v.dtype)
     out = jnp.einsum("bnqk,bnkd->bnqd", self.attn_drop(attn), v)  # (B, heads, N, head_dim)
     return self.proj(jnp.transpose(out, (0, 2, 1, 3)).reshape(b, h, w, c))
 
@@ -151,10 +153,15 @@ def conv2d(x: jax.Array, conv: nnx.Conv, *, as_matmul: bool | None = None) -> ja
   x = jnp.pad(x.astype(dtype), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
   b, h, w, _ = x.shape
   oh, ow = (h - kh) // stride + 1, (w - kw) // stride + 1
-  patches = jnp.concatenate([
-      jax.lax.slice(x, (0, i, j, 0), (b, i + stride * (oh - 1) + 1, j + stride * (ow - 1) + 1, cin),
-                    (1, stride, stride, 1))
-      for i in range(kh) for j in range(kw)], axis=-1)  # (B, oh, ow, kh·kw·cin), HWIO order of the kernel
+  if kh == kw == stride:  # non-overlapping patches (patch projection, downsample): a space-to-depth reshape
+    x = x[:, :oh * kh, :ow * kw].reshape(b, oh, kh, ow, kw, cin)
+    patches = jnp.transpose(x, (0, 1, 3, 2, 4, 5)).reshape(b, oh, ow, kh * kw * cin)
+  else:
+    patches = jnp.concatenate([
+        jax.lax.slice(x, (0, i, j, 0), (b, i + stride * (oh - 1) + 1, j + stride * (ow - 1) + 1, cin),
+                      (1, stride, stride, 1))
+        for i in range(kh) for j in range(kw)], axis=-1)
+  # patches: (B, oh, ow, kh·kw·cin), in the kernel's HWIO order
   out = patches @ kernel.reshape(kh * kw * cin, cout).astype(dtype)
   return out + conv.bias[...].astype(dtype) if conv.bias is not None else out
 
