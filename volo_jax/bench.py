@@ -332,6 +332,7 @@ def input_cases(args, compare_torch: bool) -> list[dict]:
   all_times = interleaved_times([run for _, run in runners], warmup=1, runs=args.runs)
   results = [dict(facts, **throughput(times, count)) for (facts, _), times in zip(runners, all_times)]
   if compare_torch:
+    torch.set_num_threads(args.threads or os.cpu_count())  # back to the model cases' count
     results[0]["speedup_vs_torch_pil"] = (results[0]["images_per_s"]["median"]
                                           / results[1]["images_per_s"]["median"])
   for case in results:
