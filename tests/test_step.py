@@ -32,8 +32,7 @@ def test_train_step_applies_adamw_and_ema(mixup_alpha, cutmix_alpha):
   model = build_model(config, num_classes=10)
   graphdef, params, batch_stats, rng_template = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
   tx = optim.make_optimizer(config, steps_per_epoch=10)
-  state = {"step": jnp.zeros((), jnp.int32), "params": params, "batch_stats": batch_stats,
-           "opt_state": tx.init(params), "skipped_batches": jnp.zeros((), jnp.int32), "ema_params": params}
+  state = step_lib.initial_state(params, batch_stats, tx, ema=True)
   batch = {"image": jax.random.normal(jax.random.key(1), (4, 32, 32, 3)), "label": jnp.arange(4)}
   train_step = jax.jit(step_lib.make_train_step(graphdef, rng_template, tx, config, 10))
   new, metrics = train_step(state, batch)
@@ -56,8 +55,7 @@ def test_a_non_finite_step_leaves_the_state_unchanged_and_counts_it():
   model = build_model(config, num_classes=10)
   graphdef, params, batch_stats, rng_template = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
   tx = optim.make_optimizer(config, steps_per_epoch=10)
-  state = {"step": jnp.zeros((), jnp.int32), "params": params, "batch_stats": batch_stats,
-           "opt_state": tx.init(params), "skipped_batches": jnp.zeros((), jnp.int32), "ema_params": params}
+  state = step_lib.initial_state(params, batch_stats, tx, ema=True)
   expected = jax.tree.map(np.asarray, state)
   batch = {"image": jnp.full((4, 32, 32, 3), jnp.nan), "label": jnp.arange(4)}
   new, metrics = jax.jit(step_lib.make_train_step(graphdef, rng_template, tx, config, 10))(state, batch)

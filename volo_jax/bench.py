@@ -317,6 +317,7 @@ def input_cases(args, compare_torch: bool) -> list[dict]:
     import timm.data  # pylint: disable=import-outside-toplevel
     import torch  # pylint: disable=import-outside-toplevel
     from PIL import Image  # pylint: disable=import-outside-toplevel
+    model_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     _allow_zero_bit_posterize()
     d = config.data
@@ -332,7 +333,7 @@ def input_cases(args, compare_torch: bool) -> list[dict]:
   all_times = interleaved_times([run for _, run in runners], warmup=1, runs=args.runs)
   results = [dict(facts, **throughput(times, count)) for (facts, _), times in zip(runners, all_times)]
   if compare_torch:
-    torch.set_num_threads(args.threads or os.cpu_count())  # back to the model cases' count
+    torch.set_num_threads(model_threads)
     results[0]["speedup_vs_torch_pil"] = (results[0]["images_per_s"]["median"]
                                           / results[1]["images_per_s"]["median"])
   for case in results:
@@ -389,12 +390,12 @@ def run(args) -> dict:
   peak = None
   if {"infer", "train"} & set(args.modes):
     peak = dict(matmul_peak(args.dtype), devices=jax.local_device_count())
+  data_mesh = jax.make_mesh((jax.local_device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   cases = []
   for mode in args.modes:
     if mode == "input":
       cases += [_finish_case(c, args, mode, peak) for c in input_cases(args, args.compare_torch)]
       continue
-    data_mesh = jax.make_mesh((jax.local_device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     with jax.set_mesh(data_mesh):  # built and lowered under our mesh, whatever mesh a caller set globally
       jax_facts, jax_run = jax_infer(args, data_mesh) if mode == "infer" else jax_train(args, data_mesh)
     runners = [(dict(framework="jax", **jax_facts), jax_run)]
@@ -429,7 +430,7 @@ def machine_facts(args) -> dict:
   facts = {"backend": jax.default_backend(), "device_kind": jax.local_devices()[0].device_kind,
            "local_devices": jax.local_device_count(), "cpu_count": os.cpu_count(),
            "platform": platform.platform(), "jax": jax.__version__,
-           "host_memory_retained": getattr(args, "host_memory_retained", False)}
+           "host_memory_retained": args.host_memory_retained}
   if args.compare_torch:
     import torch  # pylint: disable=import-outside-toplevel
     facts.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
