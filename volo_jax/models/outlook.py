@@ -16,6 +16,7 @@ from flax import nnx
 
 from volo_jax.models.initializers import linear_bias_init, linear_kernel_init
 from volo_jax.models.dropout import dropout
+from volo_jax.models.plain_backward import dot_general
 
 
 class WindowGeometry(NamedTuple):
@@ -121,7 +122,8 @@ class OutlookAttention(nnx.Module):
                dtype=jnp.float32, rngs: nnx.Rngs):
     self.num_heads, self.kernel_size, self.padding, self.stride = num_heads, kernel_size, padding, stride
     self.scale = (dim // num_heads) ** -0.5
-    dense = dict(dtype=dtype, kernel_init=linear_kernel_init, bias_init=linear_bias_init, rngs=rngs)
+    dense = dict(dtype=dtype, kernel_init=linear_kernel_init, bias_init=linear_bias_init, dot_general=dot_general,
+                 rngs=rngs)
     self.v = nnx.Linear(dim, dim, use_bias=qkv_bias, **dense)
     self.attn = nnx.Linear(dim, kernel_size**4 * num_heads, **dense)
     self.proj = nnx.Linear(dim, dim, **dense)
