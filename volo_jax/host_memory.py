@@ -4,7 +4,9 @@ XLA:CPU allocates a call's whole scratch space with malloc on every call (2.8 GB
 batch 8). glibc serves a block that large from a worker thread's arena with mmap and unmaps it on free, so
 every step faults its scratch in again page by page: 0.73 M minor faults and 2.3 s of kernel time in a 5.8 s
 step on 2 cores. Serving large blocks from the main heap and never trimming it lets each step reuse the pages
-of the one before (0 faults; the step took 4.4 s).
+of the one before: under 1,000 faults in 35 of 36 steps (steps 2–10 of four processes; the step took 4.4 s
+instead of 5.8). A step still faults now and then, when small blocks fragment the heap so that the scratch
+no longer fits the hole the last one left; that step costs what it would by default.
 """
 
 import ctypes
