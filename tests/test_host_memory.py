@@ -40,15 +40,19 @@ print(json.dumps({"retained": retained, "faults": faults[1:],
 """
 
 
-def _probe(mode: str) -> dict:
-  out = subprocess.run([sys.executable, "-c", _PROBE, mode], check=True, capture_output=True, text=True,
-                       cwd=pathlib.Path(__file__).parents[1], env={**os.environ, "JAX_PLATFORMS": "cpu"}).stdout
-  return json.loads(out.strip().splitlines()[-1])
+def _probes(*modes: str) -> list[dict]:
+  """Runs the probe once per mode, the processes side by side (page faults do not depend on timing)."""
+  procs = [subprocess.Popen([sys.executable, "-c", _PROBE, mode], stdout=subprocess.PIPE, text=True,
+                            cwd=pathlib.Path(__file__).parents[1], env={**os.environ, "JAX_PLATFORMS": "cpu"})
+           for mode in modes]
+  outs = [proc.communicate()[0] for proc in procs]
+  assert all(proc.returncode == 0 for proc in procs)
+  return [json.loads(out.strip().splitlines()[-1]) for out in outs]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_retained_memory_lets_calls_reuse_their_scratch_pages():
-  default, retained = _probe("default"), _probe("retain")
+  default, retained = _probes("default", "retain")
   assert retained["retained"]
   assert default["scratch_pages"] > 50_000  # > 200 MB: glibc maps it anew on every call
   assert min(default["faults"]) > 0.5 * default["scratch_pages"]  # every call faults its scratch in again
