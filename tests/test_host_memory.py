@@ -15,7 +15,7 @@ from volo_jax import host_memory
 # backward pass) is far above glibc's mmap threshold; prints the scratch size and the minor page faults of
 # calls 2–8. With memory retained the pages are reused in most calls, not all: the small blocks XLA allocates
 # around the scratch can fragment the heap so that a call's scratch no longer fits the hole the last one left
-# (the volo_d1 train step measured 0 faults in steps 3–10).
+# (the volo_d1 train step: under 1,000 faults in 35 of 36 steps).
 _PROBE = """
 import json, resource, sys
 from volo_jax import host_memory

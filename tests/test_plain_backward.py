@@ -66,3 +66,11 @@ def test_attention_gradients_match_autodiff(dtype):
   for a, b in zip(ours, jax.grad(loss(reference), (0, 1, 2))(q, k, v)):
     assert a.dtype == b.dtype and a.shape == b.shape
     _close(a, b, dtype)
+
+
+def test_attention_applies_dropout_to_the_weights():
+  q, k, v = (jax.random.normal(key, (2, 3, 7, 4)) for key in jax.random.split(jax.random.key(3), 3))
+  mask = jax.random.bernoulli(jax.random.key(4), 0.7, (2, 3, 7, 7))
+  drop = lambda attn: jnp.where(mask, attn / 0.7, 0.0)
+  attn = jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", q, k), axis=-1)
+  _close(plain_backward.attention(q, k, v, dropout=drop), jnp.einsum("bhqk,bhkd->bhqd", drop(attn), v), jnp.float32)

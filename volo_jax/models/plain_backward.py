@@ -47,19 +47,20 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
                              preferred_element_type=preferred_element_type, out_sharding=out_sharding)
 
 
-def _attention_forward(q, k, v, softmax_dtype):
-  logits = jnp.einsum("bhqd,bhkd->bhqk", q, k)
-  attn = jax.nn.softmax(logits.astype(softmax_dtype), axis=-1).astype(v.dtype)
+def _attention_forward(q, k, v, dropout=None):
+  attn = jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32), axis=-1).astype(v.dtype)
+  if dropout is not None:
+    attn = dropout(attn)
   return jnp.einsum("bhqk,bhkd->bhqd", attn, v), attn
 
 
 @jax.custom_vjp
 def _attention(q, k, v):
-  return _attention_forward(q, k, v, jnp.float32)[0]
+  return _attention_forward(q, k, v)[0]
 
 
 def _attention_fwd(q, k, v):
-  out, attn = _attention_forward(q, k, v, jnp.float32)
+  out, attn = _attention_forward(q, k, v)
   return out, (q, k, v, attn)
 
 
@@ -79,8 +80,9 @@ def _attention_bwd(residuals, d_out):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-  """softmax(q·kᵀ)·v over (B, heads, N, head_dim) inputs, q already scaled; softmax in float32."""
-  if _on_cpu():
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, dropout=None) -> jax.Array:
+  """softmax(q·kᵀ)·v over (B, heads, N, head_dim) inputs, q already scaled; softmax in float32. With `dropout`
+  (applied to the attention weights, between softmax and product) it is plain autodiff on every backend."""
+  if dropout is None and _on_cpu():
     return _attention(q, k, v)
-  return _attention_forward(q, k, v, jnp.float32)[0]
+  return _attention_forward(q, k, v, dropout)[0]
