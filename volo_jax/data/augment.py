@@ -6,6 +6,8 @@ import math
 
 import tensorflow as tf
 
+from volo_jax.data.transforms import select
+
 
 def _uniform(seed, shape=(), minval=0.0, maxval=1.0):
   return tf.random.stateless_uniform(shape, seed, minval=minval, maxval=maxval)
@@ -75,7 +77,7 @@ def random_erasing(image, seed, probability=0.25, min_area=0.02, max_area=1 / 3,
   def paste_noise():  # noise is drawn only for erased images, only for the box, then padded to the image size
     noise = tf.random.stateless_normal(tf.stack([h, w, shape[2]]), seeds[5], dtype=image.dtype)
     padding = [[top, height - top - h], [left, width - left - w], [0, 0]]
-    box = tf.pad(tf.ones((h, w, 1), tf.bool), padding)
-    return tf.where(box, tf.pad(noise, padding), image)
+    box = tf.pad(tf.ones(tf.stack([h, w, shape[2]]), tf.bool), padding)
+    return select(box, tf.pad(noise, padding), image)
 
   return tf.cond(erase, paste_noise, lambda: image)

@@ -10,11 +10,14 @@ import math
 
 import tensorflow as tf
 
+from volo_jax.data.transforms import channelwise, select
+
 MAX_LEVEL = 10.0
 FILL = (124, 116, 104)  # timm: round(255 · ImageNet mean)
 OP_NAMES = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing",
             "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing",
             "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+GEOMETRIC_OPS = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
 
 
 def _blend(degenerate, image, factor):
@@ -23,31 +26,32 @@ def _blend(degenerate, image, factor):
 
 
 def _grayscale(image):
-  """PIL convert('L'): (R·19595 + G·38470 + B·7471 + 2¹⁵) >> 16."""
-  r, g, b = tf.unstack(image, axis=-1)
-  return tf.floor((r * 19595 + g * 38470 + b * 7471 + 32768) / 65536)
+  """PIL convert('L'): (R·19595 + G·38470 + B·7471 + 2¹⁵) >> 16, as (H, W, 1). The weighted sums are integers
+  below 2²⁴, so the matmul is exact in float32."""
+  shape = tf.shape(image)
+  weighted = tf.matmul(tf.reshape(image, (-1, 3)), tf.constant([[19595.0], [38470.0], [7471.0]]))  # (H·W, 1)
+  return tf.reshape(tf.floor((weighted + 32768.0) / 65536.0), tf.concat([shape[:2], [1]], 0))
 
 
 def auto_contrast(image):
-  lo = tf.reduce_min(image, axis=(0, 1))
-  hi = tf.reduce_max(image, axis=(0, 1))
-  scale = 255.0 / tf.maximum(hi - lo, 1.0)
-  stretched = tf.clip_by_value(tf.floor(image * scale - lo * scale), 0.0, 255.0)
-  return tf.where(hi > lo, stretched, image)
-
-
-def _equalize_channel(channel):
-  values = tf.cast(channel, tf.int32)
-  hist = tf.math.bincount(tf.reshape(values, [-1]), minlength=256, maxlength=256)
-  nonzero = tf.boolean_mask(hist, hist > 0)
-  step = (tf.reduce_sum(nonzero) - nonzero[-1]) // 255
-  lut = (tf.cumsum(hist, exclusive=True) + step // 2) // tf.maximum(step, 1)
-  equalized = tf.cast(tf.gather(tf.minimum(lut, 255), values), tf.float32)
-  return tf.where(step > 0, equalized, channel)
+  channels = tf.transpose(tf.reshape(image, (-1, 3)))  # (3, H·W): reductions along the contiguous axis are faster
+  lo, hi = tf.reduce_min(channels, axis=1), tf.reduce_max(channels, axis=1)
+  stretch = hi > lo  # a flat channel stays as it is: scale 1, shift 0
+  scale = tf.where(stretch, 255.0 / tf.maximum(hi - lo, 1.0), 1.0)
+  shift = tf.where(stretch, lo * scale, 0.0)
+  return tf.clip_by_value(tf.floor(channelwise(lambda rows, a, b: rows * a - b, image, scale, shift)), 0.0, 255.0)
 
 
 def equalize(image):
-  return tf.stack([_equalize_channel(image[..., c]) for c in range(3)], axis=-1)
+  """PIL ImageOps.equalize: per channel, a lookup table from the histogram (one histogram and one lookup for the
+  three channels, their values offset by 256·channel)."""
+  values = channelwise(tf.add, tf.cast(image, tf.int32), (0, 256, 512))  # (H, W, 3) indices into 3 × 256 bins
+  hist = tf.reshape(tf.math.bincount(tf.reshape(values, [-1]), minlength=768, maxlength=768), (3, 256))
+  last_used = 255 - tf.argmax(tf.reverse(tf.cast(hist > 0, tf.int32), axis=[1]), axis=1, output_type=tf.int32)
+  step = (tf.reduce_sum(hist, axis=1) - tf.gather(hist, last_used, batch_dims=1)) // 255  # (3,)
+  lut = (tf.cumsum(hist, axis=1, exclusive=True) + step[:, None] // 2) // tf.maximum(step, 1)[:, None]
+  lut = tf.where(step[:, None] > 0, tf.minimum(lut, 255), tf.range(256)[None])  # (3, 256); identity if step is 0
+  return tf.cast(tf.gather(tf.reshape(lut, [-1]), values), tf.float32)
 
 
 def invert(image):
@@ -60,15 +64,15 @@ def posterize(image, bits):
 
 
 def solarize(image, threshold):
-  return tf.where(image >= threshold, 255.0 - image, image)
+  return select(image >= threshold, 255.0 - image, image)
 
 
 def solarize_add(image, addition, threshold=128.0):
-  return tf.where(image < threshold, tf.minimum(255.0, image + addition), image)
+  return select(image < threshold, tf.minimum(255.0, image + addition), image)
 
 
 def color(image, factor):
-  return _blend(_grayscale(image)[..., None], image, factor)
+  return _blend(tf.tile(_grayscale(image), (1, 1, 3)), image, factor)
 
 
 def contrast(image, factor):
@@ -87,27 +91,23 @@ def sharpness(image, factor):
   # The 3×3 box sum, separably from shifted slices: integer sums, exact in float32, faster than a depthwise conv.
   rows = image[0:h] + image[1:h + 1] + image[2:h + 2]  # (h, W, 3)
   window_sum = rows[:, 0:w] + rows[:, 1:w + 1] + rows[:, 2:w + 2]  # (h, w, 3)
-  smooth = (window_sum + 4.0 * image[1:1 + h, 1:1 + w]) / 13.0
-  smooth = tf.floor(tf.clip_by_value(smooth, 0.0, 255.0) + 0.5)
-  smooth = tf.pad(smooth, [[1, 1], [1, 1], [0, 0]])
-  rows = tf.range(shape[0])[:, None]
-  cols = tf.range(shape[1])[None, :]
-  interior = (rows > 0) & (rows < shape[0] - 1) & (cols > 0) & (cols < shape[1] - 1)
-  degenerate = tf.where(interior[..., None], smooth, image)
+  interior = image[1:1 + h, 1:1 + w]
+  smooth = tf.floor(tf.clip_by_value((window_sum + 4.0 * interior) / 13.0, 0.0, 255.0) + 0.5)
+  # The interior replaced by `smooth`, the border kept: integer differences, exact in float32.
+  degenerate = image + tf.pad(smooth - interior, [[1, 1], [1, 1], [0, 0]])
   return _blend(degenerate, image, factor)
 
 
-def affine(image, matrix):
+def affine(image, coefficients):
   """PIL image.transform(AFFINE, (a, b, c, d, e, f), BILINEAR, fillcolor=FILL): output pixel centre (x+½, y+½)
   samples input point (a·x' + b·y' + c, d·x' + e·y' + f); outside points take the fill colour."""
-  a, b, c, d, e, f = matrix
+  a, b, c, d, e, f = tf.unstack(coefficients)
   # PIL's continuous coordinates put pixel centres at +½; TF's transform puts them at integers.
   tf_matrix = tf.stack([a, b, c + 0.5 * a + 0.5 * b - 0.5, d, e, f + 0.5 * d + 0.5 * e - 0.5, 0.0, 0.0])
-  fill = tf.constant(FILL, tf.float32)
   shifted = tf.raw_ops.ImageProjectiveTransformV3(
-      images=(image - fill)[None], transforms=tf.cast(tf_matrix, tf.float32)[None], output_shape=tf.shape(image)[:2],
-      fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")[0]
-  return tf.floor(tf.clip_by_value(shifted + fill, 0.0, 255.0))
+      images=channelwise(tf.subtract, image, FILL)[None], transforms=tf_matrix[None],
+      output_shape=tf.shape(image)[:2], fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")[0]
+  return tf.floor(tf.clip_by_value(channelwise(tf.add, shifted, FILL), 0.0, 255.0))
 
 
 def rotate_matrix(width, height, degrees):
@@ -123,68 +123,55 @@ def _size(image):
   return shape[1], shape[0]
 
 
-def rotate(image, degrees):
-  return affine(image, rotate_matrix(*_size(image), degrees))
-
-
-def shear_x(image, factor):
-  return affine(image, (1.0, factor, 0.0, 0.0, 1.0, 0.0))
-
-
-def shear_y(image, factor):
-  return affine(image, (1.0, 0.0, 0.0, factor, 1.0, 0.0))
-
-
-def translate_x_rel(image, fraction):
-  return affine(image, (1.0, 0.0, fraction * _size(image)[0], 0.0, 1.0, 0.0))
-
-
-def translate_y_rel(image, fraction):
-  return affine(image, (1.0, 0.0, 0.0, 0.0, 1.0, fraction * _size(image)[1]))
-
-
 def _signed_level(magnitude, negate):
   return tf.where(negate, -1.0, 1.0) * magnitude / MAX_LEVEL
 
 
-def op_matrix(op_index, magnitude, negate, translate_pct: float = 0.45):
-  """The 3×3 map from output to input points, in coordinates normalised to the image ([0, 1]², a square
-  image), of `apply_op`'s geometric ops (rotate, shear, translate); the identity for the colour ops. The
-  token-label targets follow the image's geometry with it."""
+def geometry(op_index, magnitude, negate, width=1.0, height=1.0, translate_pct: float = 0.45):
+  """PIL's affine coefficients (a, b, c, d, e, f), the map from output to input points, of op `op_index` on a
+  width × height image; the identity for the colour ops. At the default 1 × 1 the points are normalised to the
+  image (a square image), which is how the token-label targets follow the image's geometry."""
   level = _signed_level(magnitude, negate)
-  identity = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
-  by_op = {"Rotate": rotate_matrix(1.0, 1.0, level * 30.0), "ShearX": (1.0, level * 0.3, 0.0, 0.0, 1.0, 0.0),
-           "ShearY": (1.0, 0.0, 0.0, level * 0.3, 1.0, 0.0),
-           "TranslateXRel": (1.0, 0.0, level * translate_pct, 0.0, 1.0, 0.0),
-           "TranslateYRel": (1.0, 0.0, 0.0, 0.0, 1.0, level * translate_pct)}
-  branches = [lambda m=by_op.get(name, identity): tf.cast(tf.stack([*m, 0.0, 0.0, 1.0]), tf.float32)
-              for name in OP_NAMES]
-  return tf.reshape(tf.switch_case(op_index, branches), (3, 3))
+  shear, shift_x, shift_y = level * 0.3, level * translate_pct * width, level * translate_pct * height
+  table = tf.stack([  # rows: identity, then GEOMETRIC_OPS in order
+      tf.constant([1.0, 0.0, 0.0, 0.0, 1.0, 0.0]), tf.stack(rotate_matrix(width, height, level * 30.0)),
+      tf.stack([1.0, shear, 0.0, 0.0, 1.0, 0.0]), tf.stack([1.0, 0.0, 0.0, shear, 1.0, 0.0]),
+      tf.stack([1.0, 0.0, shift_x, 0.0, 1.0, 0.0]), tf.stack([1.0, 0.0, 0.0, 0.0, 1.0, shift_y])])  # (6, 6)
+  row = [GEOMETRIC_OPS.index(name) + 1 if name in GEOMETRIC_OPS else 0 for name in OP_NAMES]
+  return table[tf.gather(row, op_index)]
+
+
+def op_matrix(op_index, magnitude, negate, translate_pct: float = 0.45):
+  """`geometry` in normalised coordinates as a 3×3 matrix."""
+  return tf.reshape(tf.concat([geometry(op_index, magnitude, negate, translate_pct=translate_pct),
+                               [0.0, 0.0, 1.0]], 0), (3, 3))
 
 
 def apply_op(image, op_index, magnitude, negate, translate_pct: float = 0.45):
-  """timm's op `OP_NAMES[op_index]` at `magnitude` (0–10); `negate` flips the sign where timm randomly negates."""
+  """timm's op `OP_NAMES[op_index]` at `magnitude` (0–10); `negate` flips the sign where timm randomly negates.
+
+  The five geometric ops share one affine warp of their coefficients: TF's control flow costs time for every op
+  in a branch not taken, so the branches are kept small.
+  """
   level = magnitude / MAX_LEVEL
-  sign = tf.where(negate, -1.0, 1.0)
-  enhance = tf.maximum(0.1, 1.0 + sign * level * 0.9)
-  ops = [
-      lambda: auto_contrast(image),
-      lambda: equalize(image),
-      lambda: invert(image),
-      lambda: rotate(image, sign * level * 30.0),
-      lambda: posterize(image, 4 - tf.cast(tf.floor(level * 4), tf.int32)),
-      lambda: solarize(image, 256.0 - tf.minimum(256.0, tf.floor(level * 256.0))),
-      lambda: solarize_add(image, tf.minimum(128.0, tf.floor(level * 110.0))),
-      lambda: color(image, enhance),
-      lambda: contrast(image, enhance),
-      lambda: brightness(image, enhance),
-      lambda: sharpness(image, enhance),
-      lambda: shear_x(image, sign * level * 0.3),
-      lambda: shear_y(image, sign * level * 0.3),
-      lambda: translate_x_rel(image, sign * level * translate_pct),
-      lambda: translate_y_rel(image, sign * level * translate_pct),
-  ]
-  out = tf.switch_case(op_index, ops)
+  enhance = tf.maximum(0.1, 1.0 + tf.where(negate, -1.0, 1.0) * level * 0.9)
+  colour_ops = {
+      "AutoContrast": lambda: auto_contrast(image),
+      "Equalize": lambda: equalize(image),
+      "Invert": lambda: invert(image),
+      "PosterizeIncreasing": lambda: posterize(image, 4 - tf.cast(tf.floor(level * 4), tf.int32)),
+      "SolarizeIncreasing": lambda: solarize(image, 256.0 - tf.minimum(256.0, tf.floor(level * 256.0))),
+      "SolarizeAdd": lambda: solarize_add(image, tf.minimum(128.0, tf.floor(level * 110.0))),
+      "ColorIncreasing": lambda: color(image, enhance),
+      "ContrastIncreasing": lambda: contrast(image, enhance),
+      "BrightnessIncreasing": lambda: brightness(image, enhance),
+      "SharpnessIncreasing": lambda: sharpness(image, enhance),
+  }
+  geometric = tf.reduce_any(tf.equal(op_index, [OP_NAMES.index(name) for name in GEOMETRIC_OPS]))
+  out = tf.cond(
+      geometric,
+      lambda: affine(image, geometry(op_index, magnitude, negate, *_size(image), translate_pct)),
+      lambda: tf.switch_case(op_index, [colour_ops.get(name, lambda: image) for name in OP_NAMES]))
   out.set_shape(image.shape)
   return out
 

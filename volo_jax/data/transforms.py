@@ -1,4 +1,5 @@
-"""Image transforms in TF ops, matching timm's definitions (PIL/torchvision) as closely as TF allows."""
+"""Image transforms in TF ops, matching timm's definitions (PIL/torchvision) as closely as TF allows, and two
+elementwise helpers that avoid TF's slow kernels on (H, W, 3) images."""
 
 import math
 
@@ -8,10 +9,25 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def channelwise(fn, image: tf.Tensor, *vectors) -> tf.Tensor:
+  """fn(image, *vectors) for per-channel vectors (C,), computed on the (H, W·C) view against the vectors tiled
+  along a row: TF broadcasts over a minor dimension of size 3 ~15× slower (224×224×3: 1.2 vs 0.08 ms)."""
+  shape = tf.shape(image)
+  rows = tf.reshape(image, tf.stack([shape[0], -1]))  # (H, W·C)
+  tiled = [tf.tile(tf.cast(v, image.dtype), shape[1:2]) for v in vectors]  # (W·C,) each
+  return tf.reshape(fn(rows, *tiled), shape)
+
+
+def select(condition: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+  """tf.where for a condition and operands of one shape, through TF's v1 Select kernel: tf.where (SelectV2)
+  takes its broadcasting path even for equal shapes, ~13× slower on a 224×224×3 image."""
+  return tf.raw_ops.Select(condition=condition, x=x, y=y)
+
+
 def normalize(image: tf.Tensor) -> tf.Tensor:
   """uint8/float [0, 255] (H, W, 3) → ImageNet-normalised float32."""
   image = tf.cast(image, tf.float32) / 255.0
-  return (image - tf.constant(IMAGENET_MEAN)) / tf.constant(IMAGENET_STD)
+  return channelwise(lambda rows, mean, std: (rows - mean) / std, image, IMAGENET_MEAN, IMAGENET_STD)
 
 
 def resize_short_side(image: tf.Tensor, size: int) -> tf.Tensor:
