@@ -185,9 +185,13 @@ def test_bad_input_is_refused_before_any_compile_leaving_the_workdir_alone(case,
   assert not os.path.exists(workdir) and _tree(str(bad_files)) == before
 
 
-def test_resuming_another_model_is_refused_leaving_the_workdir_alone(data_dir, cache_env, compiles, tmp_path):
+def test_resuming_another_model_is_refused_leaving_the_workdir_alone(data_dir, compiles, tmp_path):
+  """A workdir holding a run of another model (its config.json, as the trainer writes it) is refused."""
   workdir = str(tmp_path / "run")
-  loop.train_and_evaluate(run_config(data_dir, 1), workdir)
+  first = run_config(data_dir, 1)
+  setup = loop.Setup(first)
+  os.makedirs(workdir)
+  loop._write_config(first, workdir, setup.info.num_classes)  # pylint: disable=protected-access
   before, n_compiles = _tree(workdir), len(compiles)
   with pytest.raises(errors.ConfigError, match="holds a run of model"):
     loop.train_and_evaluate(run_config(data_dir, 2, **{"model.img_size": 48}), workdir)
