@@ -22,6 +22,7 @@ import tensorflow_datasets as tfds
 from jax._src import compilation_cache
 
 from configs import digits
+from conftest import xla_flags
 from volo_jax.data import pipeline
 from volo_jax.train import checkpoint, errors, loop
 
@@ -67,7 +68,7 @@ def train_py(workdir: str, data_dir: str, total_steps: int, **overrides) -> list
 
 
 def subprocess_env(cache_env: dict, devices: int, **extra) -> dict:
-  return dict(os.environ, **cache_env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  return dict(os.environ, **cache_env, XLA_FLAGS=xla_flags(devices),
               TF_CPP_MIN_LOG_LEVEL="2", **extra)
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from configs import digits
+from conftest import xla_flags
 from volo_jax.train import checkpoint, loop
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,7 +77,7 @@ def test_train_py_fine_tunes_from_a_training_workdir_at_another_size(straight_ru
   """The command line a user runs: train.py with --config overrides, on 8 devices, starting from a workdir."""
   config, source, _ = straight_run
   target = str(tmp_path / "fine")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(8))
   args = [sys.executable, "train.py", "--config", "configs/digits.py", "--workdir", target,
           f"--config.data.data_dir={data_dir}", "--config.batch_size=32", "--config.mesh.fsdp=2",
           "--config.total_steps=1", "--config.model.img_size=48", f"--config.init_from={source}",
