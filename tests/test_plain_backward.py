@@ -48,6 +48,13 @@ def test_linear_layer_uses_it_and_trains_like_the_default():
     _close(a, b, jnp.float32)
 
 
+def test_every_linear_layer_of_the_model_uses_it():
+  import volo_jax  # pylint: disable=import-outside-toplevel
+  model = volo_jax.create_model("volo_tiny", img_size=32, num_classes=10)
+  linears = [node for _, node in nnx.iter_graph(model) if isinstance(node, nnx.Linear)]
+  assert len(linears) > 10 and all(layer.dot_general is plain_backward.dot_general for layer in linears)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_attention_gradients_match_autodiff(dtype):
   kq, kk, kv, kc = jax.random.split(jax.random.key(2), 4)
