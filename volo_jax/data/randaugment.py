@@ -154,7 +154,7 @@ def apply_op(image, op_index, magnitude, negate, translate_pct: float = 0.45):
   in a branch not taken, so the branches are kept small.
   """
   level = magnitude / MAX_LEVEL
-  enhance = tf.maximum(0.1, 1.0 + tf.where(negate, -1.0, 1.0) * level * 0.9)
+  enhance = tf.maximum(0.1, 1.0 + _signed_level(magnitude, negate) * 0.9)
   colour_ops = {
       "AutoContrast": lambda: auto_contrast(image),
       "Equalize": lambda: equalize(image),
