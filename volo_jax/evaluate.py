@@ -25,8 +25,8 @@ def evaluate_weights(config, weights: str) -> dict:
   setup = loop.Setup(config, for_training=False)
   model = loop.build_model(config, setup.info.num_classes)
   checkpoint.load_pretrained(model, weights)
-  jax.set_mesh(setup.mesh)
-  return setup.evaluate(setup.weights_state(model), setup.jit_eval_step(use_ema=False))
+  with jax.set_mesh(setup.mesh):
+    return setup.evaluate(setup.weights_state(model), setup.jit_eval_step(use_ema=False))
 
 
 def main(argv):

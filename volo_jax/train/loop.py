@@ -205,7 +205,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
   checkpoint.check_workdir(workdir)
   _write_config(config, workdir, setup.info.num_classes)
   ckpt = checkpoint.Checkpointer(workdir, config)
-  jax.set_mesh(setup.mesh)
+  with jax.set_mesh(setup.mesh):  # scoped: the caller's mesh (or none) is back when training returns
+    return _train_loop(config, workdir, setup, ckpt, pretrained)
+
+
+def _train_loop(config, workdir: str, setup: Setup, ckpt: checkpoint.Checkpointer, pretrained) -> dict:
+  """train_and_evaluate's steps, saves and evaluations, under the run's mesh."""
   state = _initial_state(setup, ckpt, pretrained)
   start = int(state["step"])
   train_step = jax.jit(
