@@ -1,5 +1,6 @@
-"""layers.conv2d: the im2col-matmul convolution XLA:CPU uses (strided slices, or a space-to-depth reshape for
-non-overlapping patches) equals XLA's native convolution, values and grads."""
+"""layers.conv2d: the patch-matmul convolution XLA:CPU uses (im2col from strided slices, row patches and shifted
+row sums at stride 1, or a space-to-depth reshape for non-overlapping patches) equals XLA's native convolution,
+values and grads."""
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,7 @@ from volo_jax.models import layers as L
 
 
 @pytest.mark.parametrize("kernel,stride,padding,bias,size", [
-    (7, 2, 3, False, 24), (3, 1, 1, False, 24), (4, 4, 0, True, 24), (2, 2, 0, True, 24),
+    (7, 2, 3, False, 24), (3, 1, 1, False, 24), (5, 1, 2, True, 20), (4, 4, 0, True, 24), (2, 2, 0, True, 24),
     (4, 4, 0, False, 26)])  # the last: VALID drops the rows and columns a whole patch does not cover
 def test_conv_as_patch_matmul_equals_native_convolution(kernel, stride, padding, bias, size):
   conv = nnx.Conv(8, 16, (kernel, kernel), strides=stride, use_bias=bias, rngs=nnx.Rngs(0),

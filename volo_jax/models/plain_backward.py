@@ -36,6 +36,11 @@ def _matmul_bwd(residuals, dy):
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x @ w over x's last axis (w 2-D), with the plain-operand backward on CPU."""
+  return _matmul(x, w) if _on_cpu() else x @ w
+
+
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, out_sharding=None):
   """`jax.lax.dot_general` for nnx.Linear (x·W over x's last axis) with the plain-operand backward on CPU."""
   (lhs_contract, rhs_contract), batch = dimension_numbers
