@@ -16,11 +16,12 @@ def _close(a, b, dtype):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("shape", [(6, 5), (2, 7, 3, 5)])
-def test_linear_gradients_match_autodiff(shape, dtype):
+@pytest.mark.parametrize("out", [4, 8])  # fewer outputs than inputs (dy is transposed for dW) and more (x is)
+def test_linear_gradients_match_autodiff(shape, out, dtype):
   kx, kw, kc = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(kx, shape, dtype)
-  w = jax.random.normal(kw, (shape[-1], 4), dtype)
-  cotangent = jax.random.normal(kc, shape[:-1] + (4,), dtype)
+  w = jax.random.normal(kw, (shape[-1], out), dtype)
+  cotangent = jax.random.normal(kc, shape[:-1] + (out,), dtype)
   dims = (((x.ndim - 1,), (0,)), ((), ()))
 
   def loss(dot):
@@ -31,6 +32,24 @@ def test_linear_gradients_match_autodiff(shape, dtype):
     assert a.dtype == b.dtype and a.shape == b.shape
     _close(a, b, dtype)
   _close(plain_backward.dot_general(x, w, dims), jax.lax.dot_general(x, w, dims), dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_batched_matmul_gradients_match_autodiff(dtype):
+  ka, kb, kc = jax.random.split(jax.random.key(0), 3)
+  a = jax.random.normal(ka, (2, 3, 4, 9, 9), dtype)  # outlook's per-window (k·k × k·k) weights
+  b = jax.random.normal(kb, (2, 3, 4, 9, 5), dtype)
+  cotangent = jax.random.normal(kc, (2, 3, 4, 9, 5), dtype)
+
+  def loss(product):
+    return lambda a, b: jnp.sum(product(a, b).astype(jnp.float32) * cotangent)
+
+  reference = lambda a, b: jnp.einsum("...ij,...jd->...id", a, b)
+  for x, y in zip(jax.jit(jax.grad(loss(plain_backward.batched_matmul), (0, 1)))(a, b),
+                  jax.grad(loss(reference), (0, 1))(a, b)):
+    assert x.dtype == y.dtype and x.shape == y.shape
+    _close(x, y, dtype)
+  _close(plain_backward.batched_matmul(a, b), reference(a, b), dtype)
 
 
 def test_other_contractions_fall_back_to_lax():

@@ -16,7 +16,7 @@ from flax import nnx
 
 from volo_jax.models.initializers import linear_bias_init, linear_kernel_init
 from volo_jax.models.dropout import dropout
-from volo_jax.models.plain_backward import dot_general
+from volo_jax.models.plain_backward import batched_matmul, dot_general
 
 
 class WindowGeometry(NamedTuple):
@@ -141,5 +141,5 @@ class OutlookAttention(nnx.Module):
     logits = self.attn(avg_pool_ceil(x, self.stride)).reshape(b, h, w, heads, k * k, k * k)
     attn = jax.nn.softmax(logits.astype(jnp.float32) * self.scale, axis=-1).astype(v.dtype)
     attn = self.attn_drop(attn)
-    out = jnp.einsum("bhwnij,bhwnjd->bhwnid", attn, v)  # per-window (k·k × k·k) @ (k·k × head_dim)
+    out = batched_matmul(attn, v)  # per-window (k·k × k·k) @ (k·k × head_dim): (B, h, w, heads, k·k, head_dim)
     return self.proj_drop(self.proj(fold(out, g)))

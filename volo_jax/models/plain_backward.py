@@ -29,7 +29,10 @@ def _matmul_bwd(residuals, dy):
   x, w = residuals
   dx = dy @ jax.lax.optimization_barrier(w.T)  # (…, out)·(out, in)
   x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])  # (rows, in), (rows, out)
-  dw = jax.lax.optimization_barrier(x2.T) @ dy2  # (in, rows)·(rows, out)
+  if x2.shape[1] > dy2.shape[1]:  # transpose the smaller of the two: dW = (dyᵀ·x)ᵀ, the (out, in) result is small
+    dw = jax.lax.optimization_barrier(jax.lax.optimization_barrier(dy2.T) @ x2).T  # (out, rows)·(rows, in)
+  else:
+    dw = jax.lax.optimization_barrier(x2.T) @ dy2  # (in, rows)·(rows, out)
   return dx, dw
 
 
@@ -83,6 +86,30 @@ def _attention_bwd(residuals, d_out):
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+@jax.custom_vjp
+def _batched_matmul(a, b):
+  return jnp.einsum("...ij,...jd->...id", a, b)
+
+
+def _batched_matmul_fwd(a, b):
+  return _batched_matmul(a, b), (a, b)
+
+
+def _batched_matmul_bwd(residuals, d_out):
+  a, b = residuals  # (…, i, j), (…, j, d)
+  a_t, b_t = jax.lax.optimization_barrier((jnp.swapaxes(a, -1, -2), jnp.swapaxes(b, -1, -2)))
+  return jnp.einsum("...id,...dj->...ij", d_out, b_t), jnp.einsum("...ji,...id->...jd", a_t, d_out)
+
+
+_batched_matmul.defvjp(_batched_matmul_fwd, _batched_matmul_bwd)
+
+
+def batched_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+  """a @ b over the last two axes (equal leading axes), with the plain-operand backward on CPU: outlook
+  attention's 9×9 products, whose transposed-operand gradients went to Eigen at ≈ 1.5 GFLOP/s."""
+  return _batched_matmul(a, b) if _on_cpu() else jnp.einsum("...ij,...jd->...id", a, b)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, dropout=None) -> jax.Array:
