@@ -160,6 +160,7 @@ def conv2d(x: jax.Array, conv: nnx.Conv, *, as_matmul: bool | None = None) -> ja
   if kh == kw == stride:  # non-overlapping patches (patch projection, downsample): a space-to-depth reshape
     x = x[:, :oh * kh, :ow * kw].reshape(b, oh, kh, ow, kw, cin)
     patches = jnp.transpose(x, (0, 1, 3, 2, 4, 5)).reshape(b, oh, ow, kh * kw * cin)
+    # plain autodiff: plain_backward.matmul measured slower here (stem projection fwd+bwd 88 vs 78 ms)
     out = patches @ kernel.reshape(kh * kw * cin, cout)
   elif stride == 1:
     out = _stride1_conv_by_rows(x, kernel)
