@@ -64,9 +64,10 @@ def decode_train(example, seed, config, labels=None):
   flip, geometry = tf.constant(False), tf.eye(3)
   if d.hflip > 0:
     image, flip = augment.random_flip(image, seeds[2], d.hflip)
-  if d.randaugment:
-    image, geometry = randaugment.rand_augment(image, seeds[4], with_matrix=True,
-                                               **randaugment.parse(d.randaugment))  # geometry: 3×3 floats
+  if d.randaugment and labels is not None:  # the targets follow the geometric ops: 3×3 output → input map
+    image, geometry = randaugment.rand_augment(image, seeds[4], with_matrix=True, **randaugment.parse(d.randaugment))
+  elif d.randaugment:  # the map's ops cost time inside tf.data even when unused
+    image = randaugment.rand_augment(image, seeds[4], **randaugment.parse(d.randaugment))
   image = transforms.normalize(image)
   if d.random_erase > 0:
     image = augment.random_erasing(image, seeds[3], probability=d.random_erase)
