@@ -77,13 +77,32 @@ def _attention(q, k, v):
   return (out / weights.sum(axis=-1, keepdims=True)).astype(v.dtype)
 
 
+def _in_head_halves(fn, *arrays):
+  """fn on each half of the heads (axis 1) as independent ops, results re-joined along the heads.
+
+  YNNPACK runs a batched product with a head_dim-wide side (A·V, dS·K, dOᵀ·A, Qᵀ·dS) on one core; two
+  independent halves let XLA's concurrency-optimized scheduler put one on each core. volo_d1 train step,
+  batch 8, 2 cores: the second core idle 524 → 306 ms per step, step time 0.94× (14 of 15 pairs faster).
+  """
+  half = arrays[0].shape[1] // 2
+  if half == 0:
+    return fn(*arrays)
+  parts = [fn(*(a[:, :half] for a in arrays)), fn(*(a[:, half:] for a in arrays))]
+  return jax.tree.map(lambda x, y: jnp.concatenate([x, y], axis=1), *parts)
+
+
 def _attention_fwd(q, k, v):
-  out, attn = _attention_forward(q, k, v)
+  attn = jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32), axis=-1).astype(v.dtype)
+  out = _in_head_halves(lambda a, v: jnp.einsum("bhqk,bhkd->bhqd", a, v), attn, v)
   return out, (q, k, v, attn)
 
 
 def _attention_bwd(residuals, d_out):
-  q, k, v, attn = residuals  # (B, heads, N, head_dim) ×3, (B, heads, N, N)
+  return _in_head_halves(_attention_bwd_core, *residuals, d_out)
+
+
+def _attention_bwd_core(q, k, v, attn, d_out):
+  # (B, heads, N, head_dim) ×3, (B, heads, N, N), (B, heads, N, head_dim)
   d_attn = jnp.einsum("bhqd,bhkd->bhqk", d_out, v).astype(jnp.float32)
   attn32 = attn.astype(jnp.float32)
   d_logits = (attn32 * (d_attn - jnp.sum(d_attn * attn32, axis=-1, keepdims=True))).astype(q.dtype)
