@@ -81,8 +81,9 @@ def _in_head_halves(fn, *arrays):
   """fn on each half of the heads (axis 1) as independent ops, results re-joined along the heads.
 
   YNNPACK runs a batched product with a head_dim-wide side (dS·K, dOᵀ·A, Qᵀ·dS of the backward) on one core;
-  two independent halves let XLA's concurrency-optimized scheduler put one on each core. The forward's A·V is
-  the same shape, but splitting it measured no faster in the train step and slower in inference.
+  two independent halves let XLA's concurrency-optimized scheduler put one on each core (volo_d1 train step,
+  batch 8, 2 cores: one core idle 558 → 373 ms per step; step 0.96×). The forward's A·V is the same shape, but
+  splitting it measured no faster in the train step and slower in inference.
   """
   half = arrays[0].shape[1] // 2
   if half == 0:
