@@ -54,6 +54,15 @@ def test_bench_writes_every_case_to_json(tmp_path):
     jax_case, torch_case = cases[(mode, "jax")], cases[(mode, "torch_eager")]
     assert jax_case["speedup_vs_torch_eager"] == pytest.approx(
         jax_case["images_per_s"]["median"] / torch_case["images_per_s"]["median"])
+  # The cases ran data parallel over the session's 8 CPU devices: their FLOPs count all devices' shares, as one
+  # device running the whole batch would (XLA's cost analysis counts one device's program).
+  abstract = nnx.eval_shape(lambda: create_model("volo_d1", img_size=32, num_classes=1000))
+  abstract.eval()
+  graphdef, state = nnx.split(abstract)
+  images = jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32)
+  one_device = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, images).compile().cost_analysis()
+  assert jax.device_count() == 8 and results["matmul_peak"]["devices"] == 1  # CPU devices share the cores
+  assert cases[("infer", "jax")]["flops_per_image"] == pytest.approx(one_device["flops"] / 8, rel=0.01)
   # A train step costs ≥ 3 forwards (backward ≈ 2 forwards, plus AdamW, large next to a 32-pixel forward).
   assert cases[("train", "jax")]["flops_per_image"] > 2.5 * cases[("infer", "jax")]["flops_per_image"]
   share = cases[("train", "jax")]["outlook_attention"]
