@@ -269,7 +269,7 @@ def test_corrupt_images_are_counted_and_skipped(tmp_path):
   labels = np.concatenate([b["label"] for b in batches]).tolist()
   good = [i for i in order if i % 8 != 5]
   assert labels == (good + good)[:80]
-  assert it.corrupt == 8 + sum(i % 8 == 5 for i in order[:order.index(good[23]) + 1])
+  assert it.skipped == 8 + sum(i % 8 == 5 for i in order[:order.index(good[23]) + 1])
   eval_batches, _ = pipeline.eval_dataset(config, local_batch=8, process_index=0, process_count=1)
   assert sum(b["mask"].sum() for b in eval_batches) == 56
 

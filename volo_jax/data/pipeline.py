@@ -117,7 +117,8 @@ def data_shards(config, process_count: int) -> int:
 
 
 class TrainBatches:
-  """Iterator of this process's batches; `corrupt` counts the examples skipped so far because they did not decode.
+  """Iterator of this process's batches; `skipped` counts the examples dropped so far: images that did not decode
+  and, with token labels, images without a label map.
 
   Each of the process's shards yields (raw position, example) pairs; an example whose decode fails is dropped, so
   the gap between raw positions and delivered examples is the number skipped.
@@ -126,7 +127,7 @@ class TrainBatches:
   def __init__(self, datasets: list, start: int, per_shard: int):
     self._iterators = [_deterministic(ds).as_numpy_iterator() for ds in datasets]
     self._start, self._per_shard, self._delivered = start, per_shard, 0
-    self.corrupt = 0
+    self.skipped = 0
 
   def __iter__(self):
     return self
@@ -134,7 +135,7 @@ class TrainBatches:
   def __next__(self) -> dict:
     parts = [next(it) for it in self._iterators]
     self._delivered += self._per_shard
-    self.corrupt = sum(int(p["position"][-1]) + 1 - self._start - self._delivered for p in parts)
+    self.skipped = sum(int(p["position"][-1]) + 1 - self._start - self._delivered for p in parts)
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k != "position"}
 
 
@@ -146,7 +147,8 @@ def train_dataset(config, *, local_batch: int, start_step: int, process_index: i
   batch is their per-shard batches concatenated, so the global batch depends on the shard count, not on how
   many processes read it. A shard's example order is a function of (seed, shard) only and every example's
   augmentation is seeded by its position in that order, so skipping start_step·(per-shard batch) still undecoded
-  examples resumes exactly. Examples that fail to decode (corrupt JPEGs) are skipped and counted.
+  examples resumes exactly. Examples that fail to decode (corrupt JPEGs) or lack a token-label map are skipped
+  and counted.
   """
   shards = data_shards(config, process_count)  # validate.check_batch has checked the divisions
   per_process = shards // process_count
@@ -166,7 +168,7 @@ def train_dataset(config, *, local_batch: int, start_step: int, process_index: i
     ds = ds.map(lambda i, ex, seed=seed: dict(decode_train(ex, tf.stack([tf.constant(seed, tf.int64), i]),
                                                             config, labels), position=i),
                 num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.ignore_errors()  # a corrupt image raises in its decode: drop it (TrainBatches counts the gap)
+    ds = ds.ignore_errors()  # a corrupt image or a missing label map raises: drop it (TrainBatches counts the gap)
     datasets.append(ds.batch(per_shard, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
   return TrainBatches(datasets, start, per_shard)
 

@@ -226,7 +226,7 @@ def _train_loop(config, workdir: str, setup: Setup, ckpt: checkpoint.Checkpointe
   eval_every = config.eval_every_epochs * setup.steps_per_epoch  # 0: no evaluation
   logging.info("%d steps (%d per epoch), global batch %d on %d devices, %d processes", setup.total_steps,
                setup.steps_per_epoch, config.batch_size, jax.device_count(), jax.process_count())
-  eval_metrics, window_start, window_steps, t0, corrupt = {}, time.time(), 0, time.time(), 0
+  eval_metrics, window_start, window_steps, t0, skipped = {}, time.time(), 0, time.time(), 0
   pending = []  # (step, device metrics) not yet checked for NaN/inf: checked before every log and save
   try:
     for step in range(start, setup.total_steps):
@@ -249,9 +249,11 @@ def _train_loop(config, workdir: str, setup: Setup, ckpt: checkpoint.Checkpointe
                                 "train/accuracy": metrics["accuracy"], "perf/images_per_sec": images_per_sec})
         progress.advance(window_steps, {"loss": f"{metrics['loss']:.3f}"})
         window_start, window_steps = time.time(), 0
-        if batches.corrupt > corrupt:
-          corrupt = batches.corrupt
-          logging.warning("process %d: %d images that did not decode skipped so far", jax.process_index(), corrupt)
+        if batches.skipped > skipped:
+          skipped = batches.skipped
+          logging.warning("process %d: %d training images skipped so far: they did not decode or, with token labels, "
+                          "have no label map (`python -m volo_jax.token_labels verify` lists those)",
+                          jax.process_index(), skipped)
       if saving:
         ckpt.save(done, state, force=True)
       if preempted:
