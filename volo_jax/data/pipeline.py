@@ -120,8 +120,8 @@ class TrainBatches:
   """Iterator of this process's batches; `skipped` counts the examples dropped so far: images that did not decode
   and, with token labels, images without a label map.
 
-  Each of the process's shards yields (raw position, example) pairs; an example whose decode fails is dropped, so
-  the gap between raw positions and delivered examples is the number skipped.
+  Each of the process's shards yields (raw position, example) pairs; an example whose decode or label lookup
+  fails is dropped, so the gap between raw positions and delivered examples is the number skipped.
   """
 
   def __init__(self, datasets: list, start: int, per_shard: int):
