@@ -58,26 +58,30 @@ def random_flip(image, seed, probability: float = 0.5):
 
 def random_erasing(image, seed, probability=0.25, min_area=0.02, max_area=1 / 3, min_aspect=0.3, attempts=10):
   """timm RandomErasing(mode='pixel', max_count=1) on a normalised (H, W, C) image: with `probability`, one
-  rectangle (first of 10 draws that fits) is replaced by N(0, 1) noise per pixel and channel."""
+  rectangle (first of 10 draws that fits) is replaced by N(0, 1) noise per pixel and channel. The box is drawn
+  only for the images that are erased, as timm does: three in four images skip that part of the graph."""
   seeds = tf.random.experimental.stateless_split(seed, 6)
-  shape = tf.shape(image)
-  height, width = shape[0], shape[1]
-  area = tf.cast(height * width, tf.float32)
-  target_area = area * _uniform(seeds[0], (attempts,), min_area, max_area)
-  aspect = tf.exp(_uniform(seeds[1], (attempts,), math.log(min_aspect), math.log(1 / min_aspect)))
-  h = tf.cast(tf.round(tf.sqrt(target_area * aspect)), tf.int32)
-  w = tf.cast(tf.round(tf.sqrt(target_area / aspect)), tf.int32)
-  fits = (w < width) & (h < height)
-  first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
-  h, w = h[first], w[first]
-  top = _randint_inclusive(seeds[2], 0, height - h)
-  left = _randint_inclusive(seeds[3], 0, width - w)
-  erase = tf.reduce_any(fits) & (_uniform(seeds[4]) < probability)
 
-  def paste_noise():  # noise is drawn only for erased images, only for the box, then padded to the image size
+  def erase():
+    shape = tf.shape(image)
+    height, width = shape[0], shape[1]
+    area = tf.cast(height * width, tf.float32)
+    target_area = area * _uniform(seeds[0], (attempts,), min_area, max_area)
+    aspect = tf.exp(_uniform(seeds[1], (attempts,), math.log(min_aspect), math.log(1 / min_aspect)))
+    h = tf.cast(tf.round(tf.sqrt(target_area * aspect)), tf.int32)
+    w = tf.cast(tf.round(tf.sqrt(target_area / aspect)), tf.int32)
+    fits = (w < width) & (h < height)
+    first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
+    found = tf.reduce_any(fits)  # no draw fits: nothing is erased (an empty box)
+    h, w = tf.where(found, h[first], 0), tf.where(found, w[first], 0)
+    top = _randint_inclusive(seeds[2], 0, height - h)
+    left = _randint_inclusive(seeds[3], 0, width - w)
+    # noise only for the box, then padded to the image size
     noise = tf.random.stateless_normal(tf.stack([h, w, shape[2]]), seeds[5], dtype=image.dtype)
     padding = [[top, height - top - h], [left, width - left - w], [0, 0]]
     box = tf.pad(tf.ones(tf.stack([h, w, shape[2]]), tf.bool), padding)
-    return select(box, tf.pad(noise, padding), image)
+    out = select(box, tf.pad(noise, padding), image)
+    out.set_shape(image.shape)
+    return out
 
-  return tf.cond(erase, paste_noise, lambda: image)
+  return tf.cond(_uniform(seeds[4]) < probability, erase, lambda: image)

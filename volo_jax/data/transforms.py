@@ -3,6 +3,7 @@ elementwise helpers that avoid TF's slow kernels on (H, W, 3) images."""
 
 import math
 
+import numpy as np
 import tensorflow as tf
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -11,7 +12,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def channelwise(fn, image: tf.Tensor, *vectors) -> tf.Tensor:
   """fn(image, *vectors) for per-channel vectors (C,), computed on the (H, W·C) view against the vectors tiled
-  along a row: TF broadcasts over a minor dimension of size 3 ~15× slower (224×224×3: 1.2 vs 0.08 ms)."""
+  along a row: TF broadcasts over a minor dimension of size 3 ~15× slower (224×224×3: 1.2 vs 0.08 ms). With a
+  static width and constant vectors the tiled rows are constants (fewer graph nodes to run per image)."""
+  height, width, channels = image.shape
+  if width is not None and channels is not None and all(isinstance(v, (tuple, list)) for v in vectors):
+    rows = tf.reshape(image, (-1, width * channels))  # (H, W·C)
+    tiled = [tf.constant(np.tile(np.asarray(v, image.dtype.as_numpy_dtype), width)) for v in vectors]
+    return tf.reshape(fn(rows, *tiled), (-1 if height is None else height, width, channels))
   shape = tf.shape(image)
   rows = tf.reshape(image, tf.stack([shape[0], -1]))  # (H, W·C)
   tiled = [tf.tile(tf.cast(v, image.dtype), shape[1:2]) for v in vectors]  # (W·C,) each
