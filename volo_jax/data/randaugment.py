@@ -211,12 +211,14 @@ def rand_augment(image, seed, *, num_layers: int = 2, magnitude: float = 9.0, ma
   drawn from N(magnitude, magnitude_std) clipped to [0, 10]. with_matrix: also the 3×3 normalised output → input
   map of the geometric ops applied (`op_matrix`, composed), for the token-label targets."""
   matrix = tf.eye(3)
-  for layer_seed in tf.unstack(tf.random.experimental.stateless_split(seed, num_layers)):
-    s = tf.unstack(tf.random.experimental.stateless_split(layer_seed, 4))
-    op_index = tf.random.stateless_uniform((), s[0], 0, len(OP_NAMES), dtype=tf.int32)
-    level = tf.clip_by_value(magnitude + magnitude_std * tf.random.stateless_normal((), s[1]), 0.0, MAX_LEVEL)
-    negate = tf.random.stateless_uniform((), s[2]) < 0.5
-    use = tf.random.stateless_uniform((), s[3]) < prob
+  # All layers' draws at once: a few random ops instead of four splits and draws per layer.
+  seeds = tf.random.experimental.stateless_split(seed, 3)
+  op_indices = tf.random.stateless_uniform((num_layers,), seeds[0], 0, len(OP_NAMES), dtype=tf.int32)
+  levels = tf.clip_by_value(magnitude + magnitude_std * tf.random.stateless_normal((num_layers,), seeds[1]),
+                            0.0, MAX_LEVEL)
+  coins = tf.random.stateless_uniform((2, num_layers), seeds[2])
+  draws = zip(tf.unstack(op_indices), tf.unstack(levels), tf.unstack(coins[0] < 0.5), tf.unstack(coins[1] < prob))
+  for op_index, level, negate, use in draws:
     image = tf.cond(use,  # a cond, not a select: skipped ops cost nothing
                     lambda: apply_op(image, op_index, level, negate), lambda: image)
     if with_matrix:  # this op samples the previous image: input = earlier maps ∘ this op's map
