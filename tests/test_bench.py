@@ -50,6 +50,12 @@ def test_bench_writes_every_case_to_json(tmp_path):
                         ("input", "jax_tf_data"), ("input", "torch_pil")}
   for case in cases.values():
     _check_case(case, input_images=4)
+  ours, theirs = cases[("input", "jax_tf_data")], cases[("input", "torch_pil")]
+  for case in (ours, theirs):
+    assert set(case["cpu_time_s"]) == _STATS and case["images_per_cpu_s"] == pytest.approx(
+        16 / case["cpu_time_s"]["median"])
+  assert ours["speedup_vs_torch_pil_per_cpu_s"] == pytest.approx(
+      ours["images_per_cpu_s"] / theirs["images_per_cpu_s"])
   for mode in ("infer", "train"):
     jax_case, torch_case = cases[(mode, "jax")], cases[(mode, "torch_eager")]
     assert jax_case["speedup_vs_torch_eager"] == pytest.approx(

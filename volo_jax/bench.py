@@ -298,7 +298,8 @@ def sample_jpegs(count: int) -> list[bytes]:
 
 
 def input_cases(args, compare_torch: bool) -> list[dict]:
-  """Train transform images/s on one CPU core: our tf.data map vs timm's PIL/torchvision transform."""
+  """Train transform images/s on one CPU core: our tf.data map vs timm's PIL/torchvision transform; also images
+  per second of process CPU time, which counts any thread beyond the one each side is given."""
   import numpy as np  # pylint: disable=import-outside-toplevel
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   from volo_jax.data import pipeline  # pylint: disable=import-outside-toplevel
@@ -337,12 +338,27 @@ def input_cases(args, compare_torch: bool) -> list[dict]:
           transform(Image.open(io.BytesIO(blob)).convert("RGB"))
 
     runners.append(({"framework": "torch_pil"}, theirs))
-  all_times = interleaved_times([run for _, run in runners], warmup=1, runs=args.runs)
+  cpu_times = [[] for _ in runners]
+
+  def with_cpu_time(run, record):  # process CPU seconds, all threads: tf.data may use more than its one map thread
+    def timed():
+      start = time.process_time()
+      run()
+      record.append(time.process_time() - start)
+    return timed
+
+  all_times = interleaved_times([with_cpu_time(run, record) for (_, run), record in zip(runners, cpu_times)],
+                                warmup=1, runs=args.runs)
   results = [dict(facts, **throughput(times, count)) for (facts, _), times in zip(runners, all_times)]
+  for case, cpu in zip(results, cpu_times):
+    cpu = cpu[-args.runs:]  # the timed runs, not the warm-up
+    case["cpu_time_s"] = _stats(cpu)
+    case["images_per_cpu_s"] = count / statistics.median(cpu)
   if compare_torch:
     torch.set_num_threads(model_threads)
     results[0]["speedup_vs_torch_pil"] = (results[0]["images_per_s"]["median"]
                                           / results[1]["images_per_s"]["median"])
+    results[0]["speedup_vs_torch_pil_per_cpu_s"] = results[0]["images_per_cpu_s"] / results[1]["images_per_cpu_s"]
   for case in results:
     case["per_core"] = True
   return results
@@ -469,6 +485,12 @@ def format_table(results: dict) -> str:
     scope = "per device" if peak["devices"] == 1 else f"per device, MFU against {peak['devices']}× it"
     lines.append(f"matmul peak ({peak['dtype']}, {peak['size']}², {scope}): {peak['flops_per_s'] / 1e9:.1f} "
                  f"GFLOP/s; ratio = JAX images/s ÷ PyTorch eager (input: PIL) images/s, timed in alternation")
+  inputs = [c for c in results["cases"] if "images_per_cpu_s" in c]
+  if inputs:
+    per_cpu = ", ".join(f"{c['framework']} {c['images_per_cpu_s']:.1f}" for c in inputs)
+    ratio = inputs[0].get("speedup_vs_torch_pil_per_cpu_s")
+    lines.append(f"input images per CPU-second (all threads): {per_cpu}"
+                 + (f"; ratio {ratio:.2f}" if ratio else ""))
   return "\n".join(lines)
 
 
