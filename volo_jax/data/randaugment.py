@@ -136,26 +136,18 @@ def _signed_level(magnitude, negate):
 def _geometry_table(width, height, translate_pct):
   """(6, 4, 6): per row (identity, then GEOMETRIC_OPS in order), the PIL coefficients' dependence on the terms
   (1, signed level, cos θ, sin θ). PIL's rotate turns counter-clockwise by θ about the centre (w/2, h/2); shears
-  move by 0.3·level, translations by translate_pct·level of the image side."""
-  def table(w, h, one):
-    cx, cy = w / 2.0, h / 2.0
-    identity = [one, 0, 0, 0, one, 0]
-    zero = [0, 0, 0, 0, 0, 0]
-    return [
-        [identity, zero, zero, zero],
-        [[0, 0, cx, 0, 0, cy], zero, [one, 0, -cx, 0, one, -cy], [0, one, -cy, -one, 0, cx]],  # Rotate
-        [identity, [0, 0.3 * one, 0, 0, 0, 0], zero, zero],  # ShearX
-        [identity, [0, 0, 0, 0.3 * one, 0, 0], zero, zero],  # ShearY
-        [identity, [0, 0, translate_pct * w, 0, 0, 0], zero, zero],  # TranslateXRel
-        [identity, [0, 0, 0, 0, 0, translate_pct * h], zero, zero],  # TranslateYRel
-    ]
-  if isinstance(width, float) and isinstance(height, float):
-    return tf.constant(np.array(table(width, height, 1.0), np.float32))
-  # Linear in (width, height): the table at (w, h) = T(0, 0) + w·(T(1, 0) − T(0, 0)) + h·(T(0, 1) − T(0, 0)).
-  base = np.array(table(0.0, 0.0, 1.0), np.float32)
-  per_w = np.array(table(1.0, 0.0, 0.0), np.float32)
-  per_h = np.array(table(0.0, 1.0, 0.0), np.float32)
-  return base + width * per_w + height * per_h
+  move by 0.3·level, translations by translate_pct·level of the image side. One constant when width and height
+  are Python numbers, a few ops on them when they are tensors."""
+  cx, cy = width / 2.0, height / 2.0
+  identity, zero = [1.0, 0, 0, 0, 1.0, 0], [0, 0, 0, 0, 0, 0]
+  return tf.convert_to_tensor([
+      [identity, zero, zero, zero],
+      [[0, 0, cx, 0, 0, cy], zero, [1.0, 0, -cx, 0, 1.0, -cy], [0, 1.0, -cy, -1.0, 0, cx]],  # Rotate
+      [identity, [0, 0.3, 0, 0, 0, 0], zero, zero],  # ShearX
+      [identity, [0, 0, 0, 0.3, 0, 0], zero, zero],  # ShearY
+      [identity, [0, 0, translate_pct * width, 0, 0, 0], zero, zero],  # TranslateXRel
+      [identity, [0, 0, 0, 0, 0, translate_pct * height], zero, zero],  # TranslateYRel
+  ], tf.float32)
 
 
 def geometry(op_index, magnitude, negate, width=1.0, height=1.0, translate_pct: float = 0.45):
