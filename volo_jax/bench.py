@@ -11,6 +11,7 @@ assignment of the compiled step).
 
 import argparse
 import io
+import itertools
 import json
 import os
 import platform
@@ -41,7 +42,7 @@ def parse_args(argv):
   p.add_argument("--runs", type=int, default=5, help="timed runs per case (the median is reported)")
   p.add_argument("--warmup", type=int, default=2, help="untimed runs after compilation")
   p.add_argument("--threads", type=int, default=0, help="PyTorch threads (0: all cores, as XLA:CPU uses)")
-  p.add_argument("--input-images", type=int, default=64, help="--mode input: distinct JPEGs, each read 4×")
+  p.add_argument("--input-images", type=int, default=64, help="--mode input: distinct JPEGs, read 4× (whole batches)")
   p.add_argument("--outlook-breakdown", action="store_true",
                  help="--mode train: time and FLOPs of the stage-1 outlook attention layers alone")
   p.add_argument("--trace", default="", help="write a jax.profiler trace of the timed JAX runs to this dir")
@@ -298,27 +299,37 @@ def sample_jpegs(count: int) -> list[bytes]:
 
 
 def input_cases(args, compare_torch: bool) -> list[dict]:
-  """Train transform images/s on one CPU core: our tf.data map vs timm's PIL/torchvision transform; also images
-  per second of process CPU time, which counts any thread beyond the one each side is given."""
+  """Train transform images/s on one CPU core, in batches of --batch: our tf.data map and batching vs timm's
+  PIL/torchvision transform and collation; also images per second of process CPU time, which counts any thread
+  beyond the one each side is given."""
   import numpy as np  # pylint: disable=import-outside-toplevel
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   from volo_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  # Some kernels (the antialiased resize among them) shard their work over TF's global intra-op pool whatever
+  # tf.data's max_intra_op_parallelism says; on one core that pool's threads only spin. Settable only before
+  # TensorFlow's first op in the process.
+  try:
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+  except RuntimeError:
+    pass
   config = _train_config(args)
   blobs = sample_jpegs(args.input_images)
-  count = 4 * len(blobs)
+  count = 4 * len(blobs) // args.batch * args.batch  # whole batches
   ds = tf.data.Dataset.from_tensor_slices({"image": blobs, "label": np.zeros(len(blobs), np.int64)})
-  ds = ds.repeat(4).enumerate().map(
+  ds = ds.repeat().enumerate().map(
       lambda i, ex: pipeline.decode_train(ex, tf.stack([tf.constant(0, tf.int64), i]), config),
       num_parallel_calls=1)
   options = tf.data.Options()
   options.threading.private_threadpool_size = 1
   options.threading.max_intra_op_parallelism = 1
   options.autotune.enabled = False
-  ds = ds.with_options(options)
+  # Batched as the trainer batches (one Python-side element per batch), and one iterator for all runs, as a
+  # training run has: making one instantiates the transform's graph (≈ 0.4 s), a cost per run, not per image.
+  batches = iter(ds.batch(args.batch).with_options(options))
 
   def ours():
-    for _ in ds:
-      pass
+    for _ in range(count // args.batch):
+      next(batches)
 
   runners = [({"framework": "jax_tf_data"}, ours)]
   if compare_torch:
@@ -332,10 +343,11 @@ def input_cases(args, compare_torch: bool) -> list[dict]:
     transform = timm.data.create_transform(args.img_size, is_training=True, auto_augment=d.randaugment or None,
                                            re_prob=d.random_erase, interpolation="random")
 
-    def theirs():
-      for _ in range(4):
-        for blob in blobs:
-          transform(Image.open(io.BytesIO(blob)).convert("RGB"))
+    def theirs():  # as timm's loader does in a worker: transform each image, collate each batch
+      stream = itertools.islice(itertools.cycle(blobs), count)
+      for _ in range(count // args.batch):
+        images = [transform(Image.open(io.BytesIO(next(stream))).convert("RGB")) for _ in range(args.batch)]
+        torch.utils.data.default_collate([(image, 0) for image in images])
 
     runners.append(({"framework": "torch_pil"}, theirs))
   cpu_times = [[] for _ in runners]
