@@ -42,7 +42,8 @@ def parse_args(argv):
   p.add_argument("--runs", type=int, default=5, help="timed runs per case (the median is reported)")
   p.add_argument("--warmup", type=int, default=2, help="untimed runs after compilation")
   p.add_argument("--threads", type=int, default=0, help="PyTorch threads (0: all cores, as XLA:CPU uses)")
-  p.add_argument("--input-images", type=int, default=64, help="--mode input: distinct JPEGs, read 4× (whole batches)")
+  p.add_argument("--input-images", type=int, default=64,
+                 help="--mode input: distinct JPEGs, each read about 4× (whole batches)")
   p.add_argument("--outlook-breakdown", action="store_true",
                  help="--mode train: time and FLOPs of the stage-1 outlook attention layers alone")
   p.add_argument("--trace", default="", help="write a jax.profiler trace of the timed JAX runs to this dir")
@@ -314,7 +315,7 @@ def input_cases(args, compare_torch: bool) -> list[dict]:
     pass
   config = _train_config(args)
   blobs = sample_jpegs(args.input_images)
-  count = 4 * len(blobs) // args.batch * args.batch  # whole batches
+  count = max(1, 4 * len(blobs) // args.batch) * args.batch  # each JPEG about 4 times, in whole batches
   ds = tf.data.Dataset.from_tensor_slices({"image": blobs, "label": np.zeros(len(blobs), np.int64)})
   ds = ds.repeat().enumerate().map(
       lambda i, ex: pipeline.decode_train(ex, tf.stack([tf.constant(0, tf.int64), i]), config),
@@ -371,6 +372,7 @@ def input_cases(args, compare_torch: bool) -> list[dict]:
     results[0]["speedup_vs_torch_pil"] = (results[0]["images_per_s"]["median"]
                                           / results[1]["images_per_s"]["median"])
     results[0]["speedup_vs_torch_pil_per_cpu_s"] = results[0]["images_per_cpu_s"] / results[1]["images_per_cpu_s"]
+  results[0]["tf_intra_op_threads"] = tf.config.threading.get_intra_op_parallelism_threads()  # 0: TF's default
   for case in results:
     case["per_core"] = True
   return results
