@@ -315,7 +315,8 @@ def input_cases(args, compare_torch: bool) -> list[dict]:
     pass
   config = _train_config(args)
   blobs = sample_jpegs(args.input_images)
-  count = max(1, 4 * len(blobs) // args.batch) * args.batch  # each JPEG about 4 times, in whole batches
+  num_batches = max(1, 4 * len(blobs) // args.batch)  # each JPEG about 4 times, in whole batches
+  count = num_batches * args.batch
   ds = tf.data.Dataset.from_tensor_slices({"image": blobs, "label": np.zeros(len(blobs), np.int64)})
   ds = ds.repeat().enumerate().map(
       lambda i, ex: pipeline.decode_train(ex, tf.stack([tf.constant(0, tf.int64), i]), config),
@@ -329,7 +330,7 @@ def input_cases(args, compare_torch: bool) -> list[dict]:
   batches = iter(ds.batch(args.batch).with_options(options))
 
   def ours():
-    for _ in range(count // args.batch):
+    for _ in range(num_batches):
       next(batches)
 
   runners = [({"framework": "jax_tf_data"}, ours)]
@@ -345,8 +346,8 @@ def input_cases(args, compare_torch: bool) -> list[dict]:
                                            re_prob=d.random_erase, interpolation="random")
 
     def theirs():  # as timm's loader does in a worker: transform each image, collate each batch
-      stream = itertools.islice(itertools.cycle(blobs), count)
-      for _ in range(count // args.batch):
+      stream = itertools.cycle(blobs)
+      for _ in range(num_batches):
         images = [transform(Image.open(io.BytesIO(next(stream))).convert("RGB")) for _ in range(args.batch)]
         torch.utils.data.default_collate([(image, 0) for image in images])
 
