@@ -25,6 +25,9 @@ def _check_case(case: dict, input_images: int):
   images = case["batch"] if case["mode"] != "input" else max(1, 4 * input_images // case["batch"]) * case["batch"]
   assert ips["median"] == pytest.approx(images / step["median"], rel=1e-9)
   assert ips["min"] == pytest.approx(images / step["max"], rel=1e-9)
+  if case["mode"] != "input":  # process CPU seconds per timed run, and the host cores they kept busy
+    assert set(case["cpu_time_s"]) == _STATS and 0 < case["cpu_time_s"]["min"] <= case["cpu_time_s"]["max"]
+    assert case["host_cores_busy"] == pytest.approx(case["cpu_time_s"]["median"] / step["median"])
   if case["framework"] == "jax" and case["mode"] != "input":
     assert case["compile_time_s"] > 0 and case["flops_per_image"] > 0 and case["compiled_buffer_bytes"] > 0
     assert case["flops_per_s"] == pytest.approx(case["flops_per_image"] * ips["median"])

@@ -5,8 +5,8 @@ timm's PyTorch model on the same inputs in the same process.
 
 Per case: images/s (median, min, max of --runs timed runs after --warmup), step time, compile time, FLOPs per
 image from XLA's cost analysis next to the paper's (multiply-adds ×2), achieved FLOP/s and its fraction of the
-matmul peak measured in the same run, and memory (the backend's peak where it reports one, else XLA's buffer
-assignment of the compiled step).
+matmul peak measured in the same run, memory (the backend's peak where it reports one, else XLA's buffer
+assignment of the compiled step), and the process's CPU seconds per run with the host cores they kept busy.
 """
 
 import argparse
@@ -81,6 +81,15 @@ def interleaved_times(runs_to_time, *, warmup: int, runs: int) -> list[list[floa
       run()
       record.append(time.perf_counter() - start)
   return times
+
+
+def with_cpu_time(run, record: list):
+  """`run`, appending the process's CPU seconds (all threads) of each call to `record`."""
+  def timed():
+    start = time.process_time()
+    run()
+    record.append(time.process_time() - start)
+  return timed
 
 
 def throughput(times: list[float], images: int) -> dict:
@@ -352,15 +361,7 @@ def input_cases(args, compare_torch: bool) -> list[dict]:
         torch.utils.data.default_collate([(image, 0) for image in images])
 
     runners.append(({"framework": "torch_pil"}, theirs))
-  cpu_times = [[] for _ in runners]
-
-  def with_cpu_time(run, record):  # process CPU seconds, all threads: tf.data may use more than its one map thread
-    def timed():
-      start = time.process_time()
-      run()
-      record.append(time.process_time() - start)
-    return timed
-
+  cpu_times = [[] for _ in runners]  # process CPU seconds, all threads: tf.data may use more than its map thread
   all_times = interleaved_times([with_cpu_time(run, record) for (_, run), record in zip(runners, cpu_times)],
                                 warmup=1, runs=args.runs)
   results = [dict(facts, **throughput(times, count)) for (facts, _), times in zip(runners, all_times)]
@@ -441,10 +442,17 @@ def run(args) -> dict:
     runners = [(dict(framework="jax", **jax_facts), jax_run)]
     runners += torch_runners(args, mode) if args.compare_torch else []
     timed = [(facts, run) for facts, run in runners if run is not None]
+    cpu_times = [[] for _ in timed]
     with _maybe_trace(args.trace):
-      all_times = interleaved_times([run for _, run in timed], warmup=args.warmup, runs=args.runs)
-    for (facts, _), times in zip(timed, all_times):
+      all_times = interleaved_times([with_cpu_time(run, record) for (_, run), record in zip(timed, cpu_times)],
+                                    warmup=args.warmup, runs=args.runs)
+    for (facts, _), times, cpu in zip(timed, all_times, cpu_times):
       facts.update(throughput(times, args.batch))
+      cpu = cpu[-args.runs:]  # the timed runs, not the warm-up
+      # Host cores kept busy per step: on a CPU backend, what of the cores' time the framework puts to use
+      # (spinning worker threads count as busy).
+      facts["cpu_time_s"] = _stats(cpu)
+      facts["host_cores_busy"] = statistics.median(cpu) / facts["step_time_s"]["median"]
     jax_case = runners[0][0]
     jax_case["peak_memory_bytes"] = _backend_peak_bytes()
     for facts, _ in timed[1:]:
@@ -500,6 +508,10 @@ def format_table(results: dict) -> str:
     scope = "per device" if peak["devices"] == 1 else f"per device, MFU against {peak['devices']}× it"
     lines.append(f"matmul peak ({peak['dtype']}, {peak['size']}², {scope}): {peak['flops_per_s'] / 1e9:.1f} "
                  f"GFLOP/s; ratio = JAX images/s ÷ PyTorch eager (input: PIL) images/s, timed in alternation")
+  busy = [c for c in results["cases"] if "host_cores_busy" in c]
+  if busy:
+    lines.append("host cores busy per step (process CPU time ÷ step time): "
+                 + ", ".join(f"{c['mode']} {c['framework']} {c['host_cores_busy']:.2f}" for c in busy))
   inputs = [c for c in results["cases"] if "images_per_cpu_s" in c]
   if inputs:
     per_cpu = ", ".join(f"{c['framework']} {c['images_per_cpu_s']:.1f}" for c in inputs)
