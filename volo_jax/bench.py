@@ -68,28 +68,22 @@ def time_runs(run, *, warmup: int, runs: int) -> list[float]:
   return interleaved_times([run], warmup=warmup, runs=runs)[0]
 
 
-def interleaved_times(runs_to_time, *, warmup: int, runs: int) -> list[list[float]]:
+def interleaved_times(runs_to_time, *, warmup: int, runs: int, cpu_times=None) -> list[list[float]]:
   """Times several runners round-robin (a, b, a, b, …), so that a load change on a shared machine hits all of
-  them alike and their ratio stays meaningful."""
+  them alike and their ratio stays meaningful. `cpu_times`, one list per runner, receives the process's CPU
+  seconds (all threads) of each timed run."""
   for _ in range(warmup):
     for run in runs_to_time:
       run()
   times = [[] for _ in runs_to_time]
+  cpu_times = cpu_times if cpu_times is not None else [[] for _ in runs_to_time]
   for _ in range(runs):
-    for run, record in zip(runs_to_time, times):
-      start = time.perf_counter()
+    for run, record, cpu_record in zip(runs_to_time, times, cpu_times):
+      start, cpu_start = time.perf_counter(), time.process_time()
       run()
       record.append(time.perf_counter() - start)
+      cpu_record.append(time.process_time() - cpu_start)
   return times
-
-
-def with_cpu_time(run, record: list):
-  """`run`, appending the process's CPU seconds (all threads) of each call to `record`."""
-  def timed():
-    start = time.process_time()
-    run()
-    record.append(time.process_time() - start)
-  return timed
 
 
 def throughput(times: list[float], images: int) -> dict:
@@ -362,11 +356,9 @@ def input_cases(args, compare_torch: bool) -> list[dict]:
 
     runners.append(({"framework": "torch_pil"}, theirs))
   cpu_times = [[] for _ in runners]  # process CPU seconds, all threads: tf.data may use more than its map thread
-  all_times = interleaved_times([with_cpu_time(run, record) for (_, run), record in zip(runners, cpu_times)],
-                                warmup=1, runs=args.runs)
+  all_times = interleaved_times([run for _, run in runners], warmup=1, runs=args.runs, cpu_times=cpu_times)
   results = [dict(facts, **throughput(times, count)) for (facts, _), times in zip(runners, all_times)]
   for case, cpu in zip(results, cpu_times):
-    cpu = cpu[-args.runs:]  # the timed runs, not the warm-up
     case["cpu_time_s"] = _stats(cpu)
     case["images_per_cpu_s"] = count / statistics.median(cpu)
   if compare_torch:
@@ -444,11 +436,10 @@ def run(args) -> dict:
     timed = [(facts, run) for facts, run in runners if run is not None]
     cpu_times = [[] for _ in timed]
     with _maybe_trace(args.trace):
-      all_times = interleaved_times([with_cpu_time(run, record) for (_, run), record in zip(timed, cpu_times)],
-                                    warmup=args.warmup, runs=args.runs)
+      all_times = interleaved_times([run for _, run in timed], warmup=args.warmup, runs=args.runs,
+                                    cpu_times=cpu_times)
     for (facts, _), times, cpu in zip(timed, all_times, cpu_times):
       facts.update(throughput(times, args.batch))
-      cpu = cpu[-args.runs:]  # the timed runs, not the warm-up
       # Host cores kept busy per step: on a CPU backend, what of the cores' time the framework puts to use
       # (spinning worker threads count as busy).
       facts["cpu_time_s"] = _stats(cpu)
