@@ -26,6 +26,12 @@ def layer_norm(dim: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
   return nnx.LayerNorm(dim, epsilon=LAYER_NORM_EPS, dtype=jnp.float32, rngs=rngs)
 
 
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact GELU as PyTorch computes it, x·(1 + erf(x/√2))/2. `jax.nn.gelu(approximate=False)` uses erfc, whose
+  XLA:CPU expansion (and its derivative's) costs 2.5× as much in the MLP's forward + backward."""
+  return 0.5 * x * (1 + jax.lax.erf(x * (2 ** -0.5)))
+
+
 def _softmax_f32(logits: jax.Array, dtype) -> jax.Array:
   return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dtype)
 
@@ -39,7 +45,7 @@ class Mlp(nnx.Module):
     self.drop = dropout(drop, rngs)
 
   def __call__(self, x):
-    x = self.drop(jax.nn.gelu(self.fc1(x), approximate=False))
+    x = self.drop(gelu(self.fc1(x)))
     return self.drop(self.fc2(x))
 
 
