@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from torch_reference import torch  # noqa: F401  (torch before TensorFlow)
-from volo_jax import bench
+from volo_jax import bench, xla_cpu
 from volo_jax.models import create_model
 
 _STATS = {"median", "min", "max"}
@@ -48,6 +48,8 @@ def test_bench_writes_every_case_to_json(tmp_path):
   assert results == json.loads(json.dumps(returned))
   assert results["machine"]["backend"] == jax.default_backend()
   assert results["machine"]["torch_threads"] == os.cpu_count()  # the model cases' count, after the one-core input case
+  assert results["machine"]["xla_compiler_options"] == xla_cpu.compiler_options("auto")
+  assert isinstance(results["machine"]["cpu_model"], str)
   assert results["matmul_peak"]["flops_per_s"] > 0
   cases = {(c["mode"], c["framework"]): c for c in results["cases"]}
   assert set(cases) == {("infer", "jax"), ("infer", "torch_eager"), ("train", "jax"), ("train", "torch_eager"),

@@ -41,6 +41,8 @@ def parse_args(argv):
   p.add_argument("--remat", default="none", help="rematerialisation policy: none, full, dots, dots_saveable")
   p.add_argument("--runs", type=int, default=5, help="timed runs per case (the median is reported)")
   p.add_argument("--warmup", type=int, default=2, help="untimed runs after compilation")
+  p.add_argument("--cpu-dots", default="auto", choices=("auto", "onednn", "ynnpack"),
+                 help="XLA:CPU's matmul library (volo_jax/xla_cpu.py); auto: oneDNN on AVX-512 CPUs, else YNNPACK")
   p.add_argument("--threads", type=int, default=0, help="PyTorch threads (0: all cores, as XLA:CPU uses)")
   p.add_argument("--input-images", type=int, default=64,
                  help="--mode input: distinct JPEGs, each read about 4× (whole batches)")
@@ -95,15 +97,16 @@ def throughput(times: list[float], images: int) -> dict:
 
 # ----------------------------------------------------------------------------------------------------- JAX
 
-def matmul_peak(dtype_name: str) -> dict:
-  """FLOP/s of a large square matmul on one device: the practical peak MFU is measured against."""
+def matmul_peak(dtype_name: str, compiler_options: dict) -> dict:
+  """FLOP/s of a large square matmul on one device, compiled as the steps are: the practical peak MFU is
+  measured against."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   size = 2048 if jax.default_backend() == "cpu" else 8192
   dtype = jnp.dtype(dtype_name)
   a = jax.random.normal(jax.random.key(0), (size, size), dtype)
   b = jax.random.normal(jax.random.key(1), (size, size), dtype)
-  matmul = jax.jit(lambda a, b: a @ b)
+  matmul = jax.jit(lambda a, b: a @ b, compiler_options=compiler_options)
   times = time_runs(lambda: matmul(a, b).block_until_ready(), warmup=2, runs=5)
   return {"size": size, "dtype": dtype_name, "flops_per_s": 2 * size**3 / statistics.median(times)}
 
@@ -167,7 +170,7 @@ def jax_infer(args, mesh) -> tuple[dict, callable]:
   graphdef, state = nnx.split(model)
   images = jax.device_put(_images(args), jax.NamedSharding(mesh, jax.P("data")))
   state = jax.device_put(state, jax.NamedSharding(mesh, jax.P()))
-  forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+  forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x), compiler_options=args.compiler_options)
   compiled, compile_s, flops, buffer_bytes = _compiled_facts(forward.lower(state, images), mesh.size)
   facts = dict(compile_time_s=compile_s, flops_per_call=flops, compiled_buffer_bytes=buffer_bytes)
   return facts, lambda: compiled(state, images).block_until_ready()
@@ -200,7 +203,8 @@ def jax_train(args, mesh) -> tuple[dict, callable]:
   data = jax.NamedSharding(mesh, jax.P("data"))
   batch = {"image": jax.device_put(_images(args), data),
            "label": jax.device_put(jnp.arange(args.batch, dtype=jnp.int32) % 1000, data)}
-  step = jax.jit(step_lib.make_train_step(graphdef, rng_template, tx, config, 1000), donate_argnums=0)
+  step = jax.jit(step_lib.make_train_step(graphdef, rng_template, tx, config, 1000), donate_argnums=0,
+                 compiler_options=args.compiler_options)
   compiled, compile_s, flops, buffer_bytes = _compiled_facts(step.lower(state, batch), mesh.size)
   holder = [state]
 
@@ -225,7 +229,7 @@ def outlook_share(args, step_result) -> dict:
   side = args.img_size // PATCH_SIZE  # stage 1 runs on the stride-8 map
   x = jax.random.normal(jax.random.key(0), (args.batch, side, side, variant.embed_dims[0]), dtype)
   grad = jax.jit(jax.grad(lambda s, x: (nnx.merge(graphdef, s)(x).astype(jnp.float32) ** 2).sum(),
-                          argnums=(0, 1)))
+                          argnums=(0, 1)), compiler_options=args.compiler_options)
   compiled, _, flops, _ = _compiled_facts(grad.lower(state, x))
   layer_s = statistics.median(time_runs(lambda: jax.block_until_ready(compiled(state, x)), warmup=args.warmup,
                                         runs=args.runs))
@@ -418,11 +422,14 @@ def run(args) -> dict:
   if args.batch % jax.local_device_count():
     raise SystemExit(f"--batch {args.batch} does not divide over the {jax.local_device_count()} local devices")
   args.drop_path_rate = _train_config(args).model.drop_path_rate
+  from volo_jax import xla_cpu  # pylint: disable=import-outside-toplevel
+  args.compiler_options = xla_cpu.compiler_options(args.cpu_dots)
   peak = None
   if {"infer", "train"} & set(args.modes):
     # MFU's denominator: one device's peak times the devices, except on CPU, where the (fake) devices share the
     # host's cores and one device's matmul already uses them all.
-    peak = dict(matmul_peak(args.dtype), devices=1 if jax.default_backend() == "cpu" else jax.local_device_count())
+    peak = dict(matmul_peak(args.dtype, args.compiler_options),
+                devices=1 if jax.default_backend() == "cpu" else jax.local_device_count())
   data_mesh = jax.make_mesh((jax.local_device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   cases = []
   for mode in args.modes:
@@ -464,12 +471,22 @@ def _maybe_trace(trace_dir: str):
   return jax.profiler.trace(trace_dir) if trace_dir else contextlib.nullcontext()
 
 
+def _cpu_model() -> str:
+  """The host CPU's model name from /proc/cpuinfo (Linux), else what `platform` knows."""
+  try:
+    with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+      return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+  except OSError:
+    return platform.processor()
+
+
 def machine_facts(args) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   facts = {"backend": jax.default_backend(), "device_kind": jax.local_devices()[0].device_kind,
            "local_devices": jax.local_device_count(), "cpu_count": os.cpu_count(),
            "platform": platform.platform(), "jax": jax.__version__,
-           "host_memory_retained": args.host_memory_retained}
+           "host_memory_retained": args.host_memory_retained, "cpu_model": _cpu_model(),
+           "xla_compiler_options": args.compiler_options}
   if args.compare_torch:
     import torch  # pylint: disable=import-outside-toplevel
     facts.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
@@ -494,6 +511,10 @@ def format_table(results: dict) -> str:
         f"{flops / 1e9 if flops else float('nan'):9.2f} "
         f"{c['mfu'] if c.get('mfu') is not None else float('nan'):6.1%} "
         f"{ratio if ratio else float('nan'):6.2f}")
+  machine = results["machine"]
+  if machine["backend"] == "cpu":
+    dots = "oneDNN" if machine["xla_compiler_options"].get("xla_cpu_use_onednn") else "YNNPACK (XLA's default)"
+    lines.append(f"CPU: {machine['cpu_model'] or 'unknown'}; XLA:CPU dots in {dots}")
   peak = results["matmul_peak"]
   if peak:
     scope = "per device" if peak["devices"] == 1 else f"per device, MFU against {peak['devices']}× it"

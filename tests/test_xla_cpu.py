@@ -1,0 +1,72 @@
+"""xla_cpu: the choice of XLA:CPU's dot library, and VOLO compiled with oneDNN's dots against timm."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from torch_reference import nhwc_batch, randomised_timm_volo, relative_error, torch, torch_logits
+import volo_jax
+from volo_jax import xla_cpu
+from volo_jax.convert.mapping import load_state_dict, state_dict
+
+
+def test_auto_picks_onednn_exactly_on_avx512_cpus():
+  assert jax.default_backend() == "cpu"
+  assert xla_cpu.compiler_options("ynnpack") == {}
+  assert xla_cpu.compiler_options("onednn") == xla_cpu.ONEDNN_DOTS
+  assert xla_cpu.compiler_options() == (xla_cpu.ONEDNN_DOTS if xla_cpu.has_avx512() else {})
+  with pytest.raises(ValueError, match="dots must be one of"):
+    xla_cpu.compiler_options("mkl")
+
+
+def _converted(reference):
+  model = volo_jax.create_model("volo_d1", img_size=224, num_classes=reference.num_classes)
+  load_state_dict(model, {k: v.numpy() for k, v in reference.state_dict().items()})
+  return model
+
+
+def test_onednn_eval_logits_match_timm():
+  """The inference graph compiles with every plain dot in oneDNN (its fused form crashed on it) and stays exact."""
+  reference = randomised_timm_volo("volo_d1")
+  images = nhwc_batch(2, 224)
+  model = _converted(reference)
+  model.eval()
+  graphdef, state = nnx.split(model)
+  forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x), compiler_options=xla_cpu.ONEDNN_DOTS)
+  compiled = forward.lower(state, jnp.asarray(images)).compile()
+  assert "__onednn_fusion" in compiled.as_text()  # the option names still mean something to this XLA
+  assert relative_error(compiled(state, jnp.asarray(images)), torch_logits(reference, images)) <= 1e-4
+
+
+@pytest.mark.slow
+def test_onednn_train_gradients_match_timm():
+  """Every parameter's gradient of a train-mode loss (BatchNorm on batch statistics), with the backward's
+  products in oneDNN, against PyTorch autograd."""
+  reference = randomised_timm_volo("volo_d1", num_classes=10).train()
+  images = nhwc_batch(2, 224, seed=5)
+  cotangent = np.random.default_rng(6).standard_normal((2, 10)).astype(np.float32)
+  model = _converted(reference)  # before PyTorch's forward updates its running statistics
+  model.train()
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def param_grads(params, rest, x):
+    return nnx.grad(lambda m: jnp.vdot(m(x), cotangent))(nnx.merge(graphdef, params, rest))
+
+  grad = jax.jit(param_grads, compiler_options=xla_cpu.ONEDNN_DOTS)
+  compiled = grad.lower(params, rest, jnp.asarray(images)).compile()
+  assert "__onednn_fusion" in compiled.as_text()
+  nnx.update(model, compiled(params, rest, jnp.asarray(images)))  # the model now holds the gradients
+  ours = state_dict(model)
+  tokens = reference.forward_features(torch.from_numpy(images).permute(0, 3, 1, 2))
+  (reference.head(tokens[:, 0]) * torch.from_numpy(cotangent)).sum().backward()  # train mode: class head only
+  checked = 0
+  for name, p in reference.named_parameters():
+    if p.grad is not None:  # the aux head is unused
+      # The stem's convolutions feed BatchNorm over 2 images: their gradients are near-cancelling sums, off by
+      # up to 8e-3 of their largest element with XLA's default dots too.
+      bound = 2e-2 if name.startswith("patch_embed.") else 1e-4
+      assert relative_error(ours[name], p.grad.numpy()) <= bound, name
+      checked += 1
+  assert checked == len(list(reference.parameters())) - 2

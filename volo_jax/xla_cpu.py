@@ -1,0 +1,38 @@
+"""Which library runs XLA:CPU's matrix products: compile options for the jitted steps.
+
+XLA:CPU hands dots to YNNPACK by default. On a 2-core Xeon with AVX-512 its products ran at 0.5–0.6× oneDNN's
+(fc1, 1568×384×1152: 187 vs 343 GFLOP/s), and the volo_d1 train step took 0.94× the time with every plain dot
+in oneDNN (7 of 8 alternated steps faster), inference 0.89× (9 of 10). On a 2-core AMD EPYC with AVX2,
+YNNPACK's products were as fast as any (60–80 GFLOP/s per core), so elsewhere the default stays.
+`INDIVIDUAL_DOT` gives oneDNN each dot alone: its fused form (`DOT`, elementwise neighbours included) failed to
+compile a partition of the inference graph and crashed the process.
+"""
+
+import functools
+
+import jax
+
+ONEDNN_DOTS = {"xla_cpu_use_onednn": True,
+               "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+CHOICES = ("auto", "onednn", "ynnpack")
+
+
+@functools.cache
+def has_avx512() -> bool:
+  """Whether the host's CPU flags (Linux /proc/cpuinfo) include AVX-512 Foundation."""
+  try:
+    with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+      return any(line.startswith("flags") and "avx512f" in line.split() for line in f)
+  except OSError:
+    return False
+
+
+def compiler_options(dots: str = "auto") -> dict:
+  """`jax.jit(..., compiler_options=…)` for a step on the default backend. dots: "auto" picks oneDNN on an
+  AVX-512 CPU and XLA's default (YNNPACK) otherwise; "onednn" and "ynnpack" force one. {} off the CPU."""
+  if dots not in CHOICES:
+    raise ValueError(f"dots must be one of {CHOICES}, got {dots!r}")
+  if jax.default_backend() != "cpu":
+    return {}
+  use_onednn = dots == "onednn" or (dots == "auto" and has_avx512())
+  return dict(ONEDNN_DOTS) if use_onednn else {}
