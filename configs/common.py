@@ -25,6 +25,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.force_resume = False
   c.total_steps = 0  # > 0 overrides (epochs + cooldown) × steps per epoch, e.g. for smoke tests
   c.nonfinite = "stop"  # a NaN/inf loss or gradient: "stop" (exit 1, last good checkpoint kept) | "skip" the batch
+  c.xla_cpu_dots = "auto"  # XLA:CPU's matmul library: auto (oneDNN on AVX-512 CPUs) | onednn | ynnpack
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "volo_d1"

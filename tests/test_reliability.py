@@ -162,6 +162,7 @@ BAD_INPUTS = {
     "image size": ({"model.img_size": 40}, errors.ConfigError, "img_size 40 is not a multiple of VOLO's stride 16"),
     "batch size": ({"batch_size": 36}, errors.ConfigError, "batch_size 36 is not divisible by the 8 devices"),
     "data shards": ({"data.shards": 3}, errors.ConfigError, "data.shards=3 must be a multiple"),
+    "matmul library": ({"xla_cpu_dots": "mkl"}, errors.ConfigError, "xla_cpu_dots 'mkl': choose one of auto"),
     "init_from missing": ({"init_from": "{root}/nothing.pth"}, errors.ConfigError, "no such file or directory"),
     "init_from truncated": ({"init_from": "{root}/truncated.safetensors"}, errors.CheckpointError,
                             "not a readable safetensors file"),

@@ -6,6 +6,7 @@ import os
 
 import jax
 
+from volo_jax import xla_cpu
 from volo_jax.data import pipeline
 from volo_jax.models.volo import STRIDE, parse_model_name
 from volo_jax.train.errors import ConfigError
@@ -36,6 +37,8 @@ def check_config(config, *, for_training: bool = True) -> None:
     raise ConfigError(f"init_from {init_from}: no such file or directory")
   if config.get("nonfinite", "stop") not in NONFINITE_MODES:
     raise ConfigError(f"nonfinite {config.nonfinite!r}: choose one of {', '.join(NONFINITE_MODES)}")
+  if config.get("xla_cpu_dots", "auto") not in xla_cpu.CHOICES:
+    raise ConfigError(f"xla_cpu_dots {config.xla_cpu_dots!r}: choose one of {', '.join(xla_cpu.CHOICES)}")
   if config.eval_every_epochs < 0 or config.log_every_steps <= 0 or config.checkpoint_every_steps <= 0:
     raise ConfigError("eval_every_epochs must be ≥ 0 (0: no evaluation), log_every_steps and "
                       "checkpoint_every_steps > 0")
