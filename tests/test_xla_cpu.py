@@ -1,4 +1,7 @@
-"""xla_cpu: the choice of XLA:CPU's dot library, and VOLO compiled with oneDNN's dots against timm."""
+"""xla_cpu: the choice of XLA:CPU's dot library, VOLO compiled with oneDNN's dots against timm, and the copies
+region analysis spares."""
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -8,15 +11,18 @@ from flax import nnx
 
 from torch_reference import nhwc_batch, randomised_timm_volo, relative_error, torch, torch_logits
 import volo_jax
+from configs import common
 from volo_jax import xla_cpu
+from volo_jax.train import optim, step as step_lib
 from volo_jax.convert.mapping import load_state_dict, state_dict
 
 
 def test_auto_picks_onednn_exactly_on_avx512_cpus():
   assert jax.default_backend() == "cpu"
-  assert xla_cpu.compiler_options("ynnpack") == {}
-  assert xla_cpu.compiler_options("onednn") == xla_cpu.ONEDNN_DOTS
-  assert xla_cpu.compiler_options() == (xla_cpu.ONEDNN_DOTS if xla_cpu.has_avx512() else {})
+  copies = xla_cpu.REGION_ANALYSIS_COPIES
+  assert xla_cpu.compiler_options("ynnpack") == copies
+  assert xla_cpu.compiler_options("onednn") == {**copies, **xla_cpu.ONEDNN_DOTS}
+  assert xla_cpu.compiler_options() == {**copies, **(xla_cpu.ONEDNN_DOTS if xla_cpu.has_avx512() else {})}
   with pytest.raises(ValueError, match="dots must be one of"):
     xla_cpu.compiler_options("mkl")
 
@@ -34,7 +40,7 @@ def test_onednn_eval_logits_match_timm():
   model = _converted(reference)
   model.eval()
   graphdef, state = nnx.split(model)
-  forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x), compiler_options=xla_cpu.ONEDNN_DOTS)
+  forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x), compiler_options=xla_cpu.compiler_options("onednn"))
   compiled = forward.lower(state, jnp.asarray(images)).compile()
   assert "__onednn_fusion" in compiled.as_text()  # the option names still mean something to this XLA
   assert relative_error(compiled(state, jnp.asarray(images)), torch_logits(reference, images)) <= 1e-4
@@ -54,7 +60,7 @@ def test_onednn_train_gradients_match_timm():
   def param_grads(params, rest, x):
     return nnx.grad(lambda m: jnp.vdot(m(x), cotangent))(nnx.merge(graphdef, params, rest))
 
-  grad = jax.jit(param_grads, compiler_options=xla_cpu.ONEDNN_DOTS)
+  grad = jax.jit(param_grads, compiler_options=xla_cpu.compiler_options("onednn"))
   compiled = grad.lower(params, rest, jnp.asarray(images)).compile()
   assert "__onednn_fusion" in compiled.as_text()
   nnx.update(model, compiled(params, rest, jnp.asarray(images)))  # the model now holds the gradients
@@ -70,3 +76,23 @@ def test_onednn_train_gradients_match_timm():
       assert relative_error(ours[name], p.grad.numpy()) <= bound, name
       checked += 1
   assert checked == len(list(reference.parameters())) - 2
+
+
+def _compiled_train_step_text(compiler_options: dict) -> str:
+  config = common.base_config()
+  config.ema_decay, config.token_label.enabled = 0.0, False
+  model = volo_jax.create_model("volo_tiny", img_size=32, num_classes=10)
+  graphdef, params, batch_stats, rng_template = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+  tx = optim.make_optimizer(config, steps_per_epoch=10)
+  state = step_lib.initial_state(params, batch_stats, tx)
+  batch = {"image": jnp.zeros((2, 32, 32, 3)), "label": jnp.arange(2, dtype=jnp.int32)}
+  step = jax.jit(step_lib.make_train_step(graphdef, rng_template, tx, config, 10), donate_argnums=0,
+                 compiler_options=compiler_options)
+  return step.lower(state, batch).compile().as_text()
+
+
+def test_region_analysis_spares_the_copies_of_the_optimizer_state():
+  """Without it, XLA copies every AdamW moment of the donated state before updating it in place."""
+  copies_of_moments = lambda text: len(re.findall(r"copy\(%state__opt_state\S*__(?:mu|nu)__", text))
+  assert copies_of_moments(_compiled_train_step_text({})) > 0
+  assert copies_of_moments(_compiled_train_step_text(xla_cpu.compiler_options("ynnpack"))) == 0
