@@ -10,8 +10,8 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from torch_reference import (nhwc_batch, randomised_timm_volo, relative_error, save_official_checkpoint, torch,
-                             torch_logits)
+from torch_reference import (converted_volo, nhwc_batch, randomised_timm_volo, relative_error,
+                             save_official_checkpoint, torch, torch_logits)
 from configs import digits
 import volo_jax
 from volo_jax.convert import __main__ as convert_cli
@@ -25,14 +25,6 @@ from volo_jax.train.loop import build_model
 SIZE = 64  # stage 1 on 8×8 tokens, stages 2–4 on 4×4: small, but every op as at 224
 
 
-def _converted(timm_model, name, **kwargs):
-  model = volo_jax.create_model(name, img_size=timm_model.pos_embed.shape[1] * 16,
-                                num_classes=timm_model.num_classes, **kwargs)
-  report = load_state_dict(model, {k: v.numpy() for k, v in timm_model.state_dict().items()})
-  assert not report.left_at_init and all(k.endswith("num_batches_tracked") for k in report.ignored)
-  return model
-
-
 def _forward(model, images, **kwargs):
   return nnx.jit(lambda m, x: m(x, **kwargs))(model, jnp.asarray(images))
 
@@ -41,7 +33,7 @@ def _forward(model, images, **kwargs):
 def test_scanned_eval_logits_equal_per_layer_and_timm(name):
   reference = randomised_timm_volo(name, img_size=SIZE)
   images = nhwc_batch(2, SIZE, seed=1)
-  scanned, per_layer = _converted(reference, name, scan_blocks=True), _converted(reference, name)
+  scanned, per_layer = converted_volo(reference, name, scan_blocks=True), converted_volo(reference, name)
   assert [len(scanned.network[i]) for i in (0, 2)] == [len(reference.network[0]), sum(
       len(reference.network[i]) for i in (2, 3, 4))]
   scanned.eval()
@@ -55,7 +47,7 @@ def test_scanned_train_forward_matches_timm():
   """Training forward with drop rates 0: BatchNorm on batch statistics, class and per-token logits."""
   reference = randomised_timm_volo("volo_tiny", img_size=SIZE).train()
   images = nhwc_batch(2, SIZE, seed=2)
-  scanned = _converted(reference, "volo_tiny", scan_blocks=True)
+  scanned = converted_volo(reference, "volo_tiny", scan_blocks=True)
   with torch.no_grad():
     cls_feat, ref_aux, _ = reference.forward_train(torch.from_numpy(images).permute(0, 3, 1, 2))
     ref_cls = reference.head(cls_feat).numpy()
@@ -127,13 +119,13 @@ def test_remat_policies_give_the_same_loss_and_gradients():
   loss is timm's."""
   reference = randomised_timm_volo("volo_tiny", img_size=32, num_classes=10, seed=5)
   images, labels = jnp.array(nhwc_batch(4, 32, seed=6)), jnp.arange(4)
-  loss, grads = _loss_and_grads(_converted(reference, "volo_tiny"), images, labels)
+  loss, grads = _loss_and_grads(converted_volo(reference, "volo_tiny"), images, labels)
   with torch.no_grad():
     cls_feat, _, _ = reference.train().forward_train(torch.from_numpy(nhwc_batch(4, 32, seed=6)).permute(0, 3, 1, 2))
     logits = reference.head(cls_feat)
   assert loss == pytest.approx(float(torch.nn.functional.cross_entropy(logits, torch.arange(4))), rel=1e-5)
   for remat, scan in [("none", True), ("full", False), ("dots", False), ("dots_saveable", True)]:
-    model = _converted(reference, "volo_tiny", scan_blocks=scan, remat=remat)
+    model = converted_volo(reference, "volo_tiny", scan_blocks=scan, remat=remat)
     remat_loss, remat_grads = _loss_and_grads(model, images, labels)
     assert remat_loss == pytest.approx(loss, rel=1e-6), (remat, scan)
     assert remat_grads.keys() == grads.keys()

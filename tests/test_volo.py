@@ -6,19 +6,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from torch_reference import nhwc_batch, randomised_timm_volo, relative_error, torch, torch_logits
+from torch_reference import converted_volo, nhwc_batch, randomised_timm_volo, relative_error, torch, torch_logits
 import volo_jax
-from volo_jax.convert.mapping import load_state_dict
 
 PARAM_COUNTS = {"volo_d1": 26_632_040, "volo_d2": 58_678_336, "volo_d3": 86_325_072, "volo_d4": 192_961_520,
                 "volo_d5": 295_455_584}
-
-
-def _converted(timm_model, name, **kwargs):
-  model = volo_jax.create_model(name, img_size=timm_model.pos_embed.shape[1] * 16,
-                                num_classes=timm_model.num_classes, **kwargs)
-  load_state_dict(model, {k: v.numpy() for k, v in timm_model.state_dict().items()})
-  return model
 
 
 def _forward(model, images):
@@ -41,7 +33,7 @@ def test_eval_logits_match_timm(name):
   size = 224 if name in ("volo_d1", "volo_d2") else 112  # d3–d5 differ in widths and depths, not in ops
   reference = randomised_timm_volo(name, img_size=size)
   images = nhwc_batch(2, size)
-  model = _converted(reference, name)
+  model = converted_volo(reference, name)
   model.eval()
   error = relative_error(_forward(model, images), torch_logits(reference, images))
   print(f"{name} eval logits: max|Δ|/max|logit| = {error:.2e}")
@@ -52,7 +44,7 @@ def test_train_mode_dense_outputs_match_timm():
   """Training forward (BatchNorm on batch statistics, dropout/drop-path off): class and per-token logits."""
   reference = randomised_timm_volo("volo_d1").train()
   images = nhwc_batch(2, 224, seed=3)
-  model = _converted(reference, "volo_d1")  # before PyTorch's forward updates its running stats
+  model = converted_volo(reference, "volo_d1")  # before PyTorch's forward updates its running stats
   with torch.no_grad():
     cls_feat, ref_aux, _ = reference.forward_train(torch.from_numpy(images).permute(0, 3, 1, 2))
     ref_cls = reference.head(cls_feat).numpy()
@@ -71,7 +63,7 @@ def test_mix_token_matches_timm_given_the_same_box(monkeypatch):
   import timm.models.volo as timm_volo  # pylint: disable=import-outside-toplevel
   reference = randomised_timm_volo("volo_d1", use_mix_token=True).train()
   images = nhwc_batch(4, 224, seed=4)
-  model = _converted(reference, "volo_d1", mix_token=True)
+  model = converted_volo(reference, "volo_d1", mix_token=True)
   model.train()
   cls, aux, box = nnx.jit(lambda m, x: m(x, return_dense=True))(model, jnp.asarray(images))
   box = tuple(int(b) for b in box)
@@ -99,7 +91,7 @@ def test_features_only_model_matches_timm_features():
   images = nhwc_batch(2, 224, seed=5)
   with torch.no_grad():
     expected = reference.forward_features(torch.from_numpy(images).permute(0, 3, 1, 2))[:, 0].numpy()
-  model = _converted(reference, "volo_d1")
+  model = converted_volo(reference, "volo_d1")
   model.eval()
   assert not hasattr(model, "head")
   assert relative_error(_forward(model, images), expected) <= 1e-4

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from torch_reference import nhwc_batch, randomised_timm_volo, relative_error, torch, torch_logits
+from torch_reference import converted_volo, nhwc_batch, randomised_timm_volo, relative_error, torch, torch_logits
 import volo_jax
 from configs import common
 from volo_jax import xla_cpu
 from volo_jax.train import optim, step as step_lib
-from volo_jax.convert.mapping import load_state_dict, state_dict
+from volo_jax.convert.mapping import state_dict
 
 
 def test_auto_picks_onednn_exactly_on_avx512_cpus():
@@ -27,17 +27,11 @@ def test_auto_picks_onednn_exactly_on_avx512_cpus():
     xla_cpu.compiler_options("mkl")
 
 
-def _converted(reference):
-  model = volo_jax.create_model("volo_d1", img_size=224, num_classes=reference.num_classes)
-  load_state_dict(model, {k: v.numpy() for k, v in reference.state_dict().items()})
-  return model
-
-
 def test_onednn_eval_logits_match_timm():
   """The inference graph compiles with every plain dot in oneDNN (its fused form crashed on it) and stays exact."""
   reference = randomised_timm_volo("volo_d1")
   images = nhwc_batch(2, 224)
-  model = _converted(reference)
+  model = converted_volo(reference, "volo_d1")
   model.eval()
   graphdef, state = nnx.split(model)
   forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x), compiler_options=xla_cpu.compiler_options("onednn"))
@@ -53,7 +47,7 @@ def test_onednn_train_gradients_match_timm():
   reference = randomised_timm_volo("volo_d1", num_classes=10).train()
   images = nhwc_batch(2, 224, seed=5)
   cotangent = np.random.default_rng(6).standard_normal((2, 10)).astype(np.float32)
-  model = _converted(reference)  # before PyTorch's forward updates its running statistics
+  model = converted_volo(reference, "volo_d1")  # before PyTorch's forward updates its running statistics
   model.train()
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 

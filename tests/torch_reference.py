@@ -40,6 +40,18 @@ def randomised_timm_volo(name: str, img_size: int = 224, num_classes: int = 1000
   return model.eval()
 
 
+def converted_volo(timm_model, name: str, **kwargs):
+  """Our `name` at the timm model's image size and classes, loaded with its state_dict (every tensor of ours
+  set; only BatchNorm's num_batches_tracked left over). kwargs go to create_model."""
+  from volo_jax import create_model  # pylint: disable=import-outside-toplevel
+  from volo_jax.convert.mapping import load_state_dict  # pylint: disable=import-outside-toplevel
+  model = create_model(name, img_size=timm_model.pos_embed.shape[1] * 16, num_classes=timm_model.num_classes,
+                       **kwargs)
+  report = load_state_dict(model, {k: v.numpy() for k, v in timm_model.state_dict().items()})
+  assert not report.left_at_init and all(k.endswith("num_batches_tracked") for k in report.ignored)
+  return model
+
+
 def save_official_checkpoint(model, path, *, ema_model=None, module_prefix: bool = False):
   """The dict timm's CheckpointSaver writes for the official trainer (pickled argparse args included)."""
   def prefixed(sd):
