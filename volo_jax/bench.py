@@ -19,6 +19,8 @@ import statistics
 import sys
 import time
 
+from volo_jax import xla_cpu
+
 # Paper "FLOPs" (multiply-adds) per image, in G, by (variant, image size): Table 2/3 of arXiv 2106.13112.
 PAPER_GMACS = {
     ("volo_d1", 224): 6.8, ("volo_d2", 224): 14.1, ("volo_d3", 224): 20.6, ("volo_d4", 224): 43.8,
@@ -41,7 +43,7 @@ def parse_args(argv):
   p.add_argument("--remat", default="none", help="rematerialisation policy: none, full, dots, dots_saveable")
   p.add_argument("--runs", type=int, default=5, help="timed runs per case (the median is reported)")
   p.add_argument("--warmup", type=int, default=2, help="untimed runs after compilation")
-  p.add_argument("--cpu-dots", default="auto", choices=("auto", "onednn", "ynnpack"),
+  p.add_argument("--cpu-dots", default="auto", choices=xla_cpu.CHOICES,
                  help="XLA:CPU's matmul library (volo_jax/xla_cpu.py); auto: oneDNN on AVX-512 CPUs, else YNNPACK")
   p.add_argument("--threads", type=int, default=0, help="PyTorch threads (0: all cores, as XLA:CPU uses)")
   p.add_argument("--input-images", type=int, default=64,
@@ -422,7 +424,6 @@ def run(args) -> dict:
   if args.batch % jax.local_device_count():
     raise SystemExit(f"--batch {args.batch} does not divide over the {jax.local_device_count()} local devices")
   args.drop_path_rate = _train_config(args).model.drop_path_rate
-  from volo_jax import xla_cpu  # pylint: disable=import-outside-toplevel
   args.compiler_options = xla_cpu.compiler_options(args.cpu_dots)
   peak = None
   if {"infer", "train"} & set(args.modes):
@@ -471,21 +472,13 @@ def _maybe_trace(trace_dir: str):
   return jax.profiler.trace(trace_dir) if trace_dir else contextlib.nullcontext()
 
 
-def _cpu_model() -> str:
-  """The host CPU's model name from /proc/cpuinfo (Linux), else what `platform` knows."""
-  try:
-    with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-      return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-  except OSError:
-    return platform.processor()
-
-
 def machine_facts(args) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   facts = {"backend": jax.default_backend(), "device_kind": jax.local_devices()[0].device_kind,
            "local_devices": jax.local_device_count(), "cpu_count": os.cpu_count(),
            "platform": platform.platform(), "jax": jax.__version__,
-           "host_memory_retained": args.host_memory_retained, "cpu_model": _cpu_model(),
+           "host_memory_retained": args.host_memory_retained,
+           "cpu_model": xla_cpu.cpu_model() or platform.processor(),
            "xla_compiler_options": args.compiler_options}
   if args.compare_torch:
     import torch  # pylint: disable=import-outside-toplevel

@@ -23,13 +23,23 @@ CHOICES = ("auto", "onednn", "ynnpack")
 
 
 @functools.cache
-def has_avx512() -> bool:
-  """Whether the host's CPU flags (Linux /proc/cpuinfo) include AVX-512 Foundation."""
+def _cpuinfo(key: str) -> str:
+  """The first CPU's `key` field in /proc/cpuinfo (Linux); "" where there is none."""
   try:
     with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-      return any(line.startswith("flags") and "avx512f" in line.split() for line in f)
+      return next((line.split(":", 1)[1].strip() for line in f if line.split(":", 1)[0].strip() == key), "")
   except OSError:
-    return False
+    return ""
+
+
+def has_avx512() -> bool:
+  """Whether the host's CPU flags include AVX-512 Foundation."""
+  return "avx512f" in _cpuinfo("flags").split()
+
+
+def cpu_model() -> str:
+  """The host CPU's model name ("" where /proc/cpuinfo does not say)."""
+  return _cpuinfo("model name")
 
 
 def compiler_options(dots: str = "auto") -> dict:
