@@ -1,5 +1,5 @@
-"""xla_cpu: the choice of XLA:CPU's dot library, VOLO compiled with oneDNN's dots against timm, and the copies
-region analysis spares."""
+"""xla_cpu: the choice of XLA:CPU's dot library, VOLO compiled with oneDNN's dots against timm, convolutions
+kept out of YNNPACK, and the copies region analysis spares."""
 
 import re
 
@@ -19,12 +19,30 @@ from volo_jax.convert.mapping import state_dict
 
 def test_auto_picks_onednn_exactly_on_avx512_cpus():
   assert jax.default_backend() == "cpu"
-  copies = xla_cpu.REGION_ANALYSIS_COPIES
+  copies = {**xla_cpu.REGION_ANALYSIS_COPIES, **xla_cpu.EIGEN_CONVOLUTIONS}
   assert xla_cpu.compiler_options("ynnpack") == copies
   assert xla_cpu.compiler_options("onednn") == {**copies, **xla_cpu.ONEDNN_DOTS}
   assert xla_cpu.compiler_options() == {**copies, **(xla_cpu.ONEDNN_DOTS if xla_cpu.has_avx512() else {})}
   with pytest.raises(ValueError, match="dots must be one of"):
     xla_cpu.compiler_options("mkl")
+
+
+def test_convolutions_compile_outside_ynnpack():
+  """The stem's convolution and both its gradients are XLA's own kernels with the options; by default YNNPACK
+  takes them (3× slower on the Xeon), so the check would fail if the option stopped meaning that."""
+  x, w = jnp.ones((1, 32, 32, 64)), jnp.ones((3, 3, 64, 64))  # YNNPACK passes over smaller ones
+
+  def conv_grads(x, w):
+    conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jax.grad(lambda x, w: conv(x, w).sum(), argnums=(0, 1))(x, w)
+
+  def compiled_text(options):
+    return jax.jit(conv_grads, compiler_options=options).lower(x, w).compile().as_text()
+
+  assert "__ynn_fusion" in compiled_text({})
+  ours = compiled_text(xla_cpu.compiler_options())
+  assert "__ynn_fusion" not in ours and ours.count(" convolution(") == 2  # forward is dead code: dx and dW only
 
 
 def test_onednn_eval_logits_match_timm():

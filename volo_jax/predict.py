@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 from flax import nnx
 
+from volo_jax import xla_cpu
 from volo_jax.convert.flax_io import is_model_checkpoint, restore_weights
 from volo_jax.convert.mapping import load_torch_weights
 from volo_jax.convert.torch_io import CheckpointError
@@ -69,7 +70,9 @@ def main(argv=None) -> int:
     print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
     return 2
   model.eval()
-  probs = np.asarray(jax.nn.softmax(nnx.jit(lambda m, x: m(x))(model, batch), axis=-1))
+  graphdef, state = nnx.split(model)
+  forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x), compiler_options=xla_cpu.compiler_options())
+  probs = np.asarray(jax.nn.softmax(forward(state, batch), axis=-1))
   names = imagenet_class_names()
   for path, p in zip(args.images, probs):
     print(path)

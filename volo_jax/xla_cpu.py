@@ -1,4 +1,5 @@
-"""XLA:CPU compile options for the jitted steps: which library runs the matrix products, and copy insertion.
+"""XLA:CPU compile options for the jitted steps: which library runs the matrix products and the convolutions,
+and copy insertion.
 
 XLA:CPU hands dots to YNNPACK by default. On a 2-core Xeon with AVX-512 its products ran at 0.5–0.6× oneDNN's
 (fc1, 1568×384×1152: 187 vs 343 GFLOP/s), and the volo_d1 train step took 0.94× the time with every plain dot
@@ -6,6 +7,12 @@ in oneDNN (7 of 8 alternated steps faster), inference 0.89× (9 of 10). On a 2-c
 YNNPACK's products were as fast as any (60–80 GFLOP/s per core), so elsewhere the default stays.
 `INDIVIDUAL_DOT` gives oneDNN each dot alone: its fused form (`DOT`, elementwise neighbours included) failed to
 compile a partition of the inference graph and crashed the process.
+
+Convolutions run in XLA's own (Eigen) kernels rather than YNNPACK's. On the Xeon, YNNPACK's were 3× slower:
+the stem's 3×3 64→64 convolution at 112², batch 8, forward 87 vs 27 ms, forward + both gradients 419 vs 115 ms.
+That makes native convolutions faster than the patch-matmul forms the stem used before (stem fwd+bwd 361 vs 400
+ms; d1 train step 0.985× the time, 12 of 14 alternated steps faster; inference 0.915×, 15 of 15). YNNPACK keeps
+the dots and reductions it takes by default (the d1 step's HLO without convolutions is identical).
 
 Copy insertion with region analysis proves more of the donated state's in-place updates safe: the train step
 no longer copies every AdamW moment before updating it (2589 → 1729 copies in the d1 step's HLO); with oneDNN's
@@ -19,6 +26,8 @@ import jax
 ONEDNN_DOTS = {"xla_cpu_use_onednn": True,
                "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 REGION_ANALYSIS_COPIES = {"xla_cpu_copy_insertion_use_region_analysis": True}
+EIGEN_CONVOLUTIONS = {  # YNNPACK's default fusion types less LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 CHOICES = ("auto", "onednn", "ynnpack")
 
 
@@ -43,12 +52,12 @@ def cpu_model() -> str:
 
 
 def compiler_options(dots: str = "auto") -> dict:
-  """`jax.jit(..., compiler_options=…)` for a step on the default backend: region-analysis copy insertion, and
-  the dot library. dots: "auto" picks oneDNN on an AVX-512 CPU and XLA's default (YNNPACK) otherwise; "onednn"
+  """`jax.jit(..., compiler_options=…)` for a step on the default backend: region-analysis copy insertion, Eigen
+  convolutions, and the dot library. dots: "auto" picks oneDNN on an AVX-512 CPU and XLA's default (YNNPACK) otherwise; "onednn"
   and "ynnpack" force one. {} off the CPU."""
   if dots not in CHOICES:
     raise ValueError(f"dots must be one of {CHOICES}, got {dots!r}")
   if jax.default_backend() != "cpu":
     return {}
   use_onednn = dots == "onednn" or (dots == "auto" and has_avx512())
-  return {**REGION_ANALYSIS_COPIES, **(ONEDNN_DOTS if use_onednn else {})}
+  return {**REGION_ANALYSIS_COPIES, **EIGEN_CONVOLUTIONS, **(ONEDNN_DOTS if use_onednn else {})}

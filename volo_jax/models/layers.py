@@ -1,8 +1,6 @@
 """VOLO's building blocks other than outlook attention: MLP, self-attention, class attention, the blocks that
 wrap them, the convolutional stem and the stage-1 → stage-2 downsample. Inputs are channels-last."""
 
-from functools import partial
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -147,73 +145,12 @@ class ClassBlock(nnx.Module):
     return jnp.concatenate([cls.astype(x.dtype), x[:, 1:]], axis=1)
 
 
-def conv2d(x: jax.Array, conv: nnx.Conv, *, as_matmul: bool | None = None) -> jax.Array:
-  """`conv(x)` for a bias-free or biased nnx.Conv with symmetric padding; on XLA:CPU (as_matmul=None picks by
-  backend) as matmuls over patches built from strided slices, since XLA:CPU's native convolution gradients are
-  slow (the stem's 3×3 64→64 conv fwd+bwd at 112², batch 8: 1.8× the im2col time)."""
-  if as_matmul is None:
-    as_matmul = jax.default_backend() == "cpu"
-  if not as_matmul:
-    return conv(x)
-  dtype = conv.dtype or x.dtype
-  kernel = conv.kernel[...].astype(dtype)
-  kh, kw, cin, cout = kernel.shape
-  pad = 0 if conv.padding == "VALID" else conv.padding[0][0]  # our convs pad all four sides alike
-  stride = conv.strides if isinstance(conv.strides, int) else conv.strides[0]
-  x = jnp.pad(x.astype(dtype), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  b, h, w, _ = x.shape
-  oh, ow = (h - kh) // stride + 1, (w - kw) // stride + 1
-  if kh == kw == stride:  # non-overlapping patches (patch projection, downsample): a space-to-depth reshape
-    x = x[:, :oh * kh, :ow * kw].reshape(b, oh, kh, ow, kw, cin)
-    patches = jnp.transpose(x, (0, 1, 3, 2, 4, 5)).reshape(b, oh, ow, kh * kw * cin)
-    # plain autodiff: plain_backward.matmul measured slower here (stem projection fwd+bwd 88 vs 78 ms)
-    out = patches @ kernel.reshape(kh * kw * cin, cout)
-  elif stride == 1:
-    out = _stride1_conv_by_rows(x, kernel)
-  else:  # im2col; its patches need no gradient in the stem's first conv
-    patches = jnp.concatenate([
-        jax.lax.slice(x, (0, i, j, 0), (b, i + stride * (oh - 1) + 1, j + stride * (ow - 1) + 1, cin),
-                      (1, stride, stride, 1))
-        for i in range(kh) for j in range(kw)], axis=-1)  # (B, oh, ow, kh·kw·cin), the kernel's HWIO order
-    out = plain_backward.matmul(patches, kernel.reshape(kh * kw * cin, cout))
-  return out + conv.bias[...].astype(dtype) if conv.bias is not None else out
-
-
-def _stride1_conv_by_rows(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """Valid stride-1 convolution of the padded x: one product of kw-wide row patches with all kh kernel rows,
-  then kh row-shifted slices summed. A third of im2col's patch memory for 3×3 and a kh·cout-wide product: the
-  stem's 3×3 64→64 conv fwd+bwd at 112², batch 8, 198 → 124 ms (timm: 153 ms)."""
-  kh, kw, cin, cout = kernel.shape
-  b, h, w, _ = x.shape
-  oh, ow = h - kh + 1, w - kw + 1
-  rows = jnp.concatenate([x[:, :, j:j + ow] for j in range(kw)], axis=-1)  # (B, h, ow, kw·cin)
-  by_row = jnp.transpose(kernel, (1, 2, 0, 3)).reshape(kw * cin, kh * cout)  # (kw·cin, kh·cout)
-  terms = plain_backward.matmul(rows, by_row).reshape(b, h, ow, kh, cout)  # input row r's term for each ki
-  return _shifted_row_sum(terms, kh)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _shifted_row_sum(terms: jax.Array, kh: int) -> jax.Array:
-  """(B, h, w, kh, C) → (B, h − kh + 1, w, C): output row r sums terms[:, r + i, :, i] over i."""
-  oh = terms.shape[1] - kh + 1
-  return sum(terms[:, i:i + oh, :, i] for i in range(kh))
-
-
-def _shifted_row_sum_fwd(terms, kh):
-  return _shifted_row_sum(terms, kh), None
-
-
-def _shifted_row_sum_bwd(kh, _, g):
-  """The transpose as a stack of shifted pads: autodiff's sum of kh padded copies evaluated g's producer
-  (the stem's BatchNorm backward) kh times per element (stem fwd+bwd at batch 8: 753 → 636 ms)."""
-  return (jnp.stack([jnp.pad(g, ((0, 0), (i, kh - 1 - i), (0, 0), (0, 0))) for i in range(kh)], axis=3),)
-
-
-_shifted_row_sum.defvjp(_shifted_row_sum_fwd, _shifted_row_sum_bwd)
-
-
 class PatchEmbed(nnx.Module):
-  """Stem: 7×7/2 conv → three (conv, BN, ReLU) → 4×4/4 conv to the stage-1 width. Net stride 8."""
+  """Stem: 7×7/2 conv → three (conv, BN, ReLU) → 4×4/4 conv to the stage-1 width. Net stride 8.
+
+  Native convolutions: on XLA:CPU they are fast only in XLA's own kernels, which `xla_cpu.compiler_options`
+  selects (YNNPACK's took 3× the time).
+  """
 
   def __init__(self, in_chans: int, hidden_dim: int, embed_dim: int, *, patch_size: int = 8, dtype,
                rngs: nnx.Rngs):
@@ -233,8 +170,8 @@ class PatchEmbed(nnx.Module):
 
   def __call__(self, x):
     for conv, norm in zip(self.convs, self.norms):
-      x = jax.nn.relu(norm(conv2d(x, conv)))
-    return conv2d(x, self.proj)
+      x = jax.nn.relu(norm(conv(x)))
+    return self.proj(x)
 
 
 class Downsample(nnx.Module):
@@ -245,4 +182,4 @@ class Downsample(nnx.Module):
                          kernel_init=conv_kernel_init, rngs=rngs)
 
   def __call__(self, x):
-    return conv2d(x, self.proj)
+    return self.proj(x)

@@ -8,8 +8,6 @@ volo_d1 train step, batch 8, 2 cores: 0.90× the time (9 of 9 interleaved pairs 
 unchanged; other backends use plain autodiff.
 """
 
-from functools import partial
-
 import jax
 import jax.numpy as jnp
 
@@ -18,22 +16,20 @@ def _on_cpu() -> bool:
   return jax.default_backend() == "cpu"
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _matmul(x: jax.Array, w: jax.Array, transpose_smaller: bool) -> jax.Array:
-  del transpose_smaller
+@jax.custom_vjp
+def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
   return x @ w
 
 
-def _matmul_fwd(x, w, transpose_smaller):
-  del transpose_smaller
+def _matmul_fwd(x, w):
   return x @ w, (x, w)
 
 
-def _matmul_bwd(transpose_smaller, residuals, dy):
+def _matmul_bwd(residuals, dy):
   x, w = residuals
   dx = dy @ jax.lax.optimization_barrier(w.T)  # (…, out)·(out, in)
   x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])  # (rows, in), (rows, out)
-  if transpose_smaller and x2.shape[1] > dy2.shape[1]:  # dW = (dyᵀ·x)ᵀ: dy is the smaller, the result small
+  if x2.shape[1] > dy2.shape[1]:  # dW = (dyᵀ·x)ᵀ: dy is the smaller, the result small
     dw = jax.lax.optimization_barrier(jax.lax.optimization_barrier(dy2.T) @ x2).T  # (out, rows)·(rows, in)
   else:
     dw = jax.lax.optimization_barrier(x2.T) @ dy2  # (in, rows)·(rows, out)
@@ -43,19 +39,13 @@ def _matmul_bwd(transpose_smaller, residuals, dy):
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
-def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-  """x @ w over x's last axis (w 2-D), with the plain-operand backward on CPU; dW always transposes x: for the
-  stem's 7×7 im2col product (100352 rows, 147 → 64) transposing dy instead took 1.8× the time (157 vs 86 ms)."""
-  return _matmul(x, w, False) if _on_cpu() else x @ w
-
-
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, out_sharding=None):
   """`jax.lax.dot_general` for nnx.Linear (x·W over x's last axis) with the plain-operand backward on CPU."""
   (lhs_contract, rhs_contract), batch = dimension_numbers
   plain = (tuple(lhs_contract) == (lhs.ndim - 1,) and tuple(rhs_contract) == (0,) and batch == ((), ())
            and rhs.ndim == 2 and precision is None and preferred_element_type is None and out_sharding is None)
   if plain and _on_cpu():  # token-wise layers: dW transposes the smaller of x and dy (MLP fwd+bwd 81 → 59 ms)
-    return _matmul(lhs, rhs, True)
+    return _matmul(lhs, rhs)
   return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                              preferred_element_type=preferred_element_type, out_sharding=out_sharding)
 
