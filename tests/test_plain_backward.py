@@ -74,9 +74,11 @@ def test_every_linear_layer_of_the_model_uses_it():
   assert len(linears) > 10 and all(layer.dot_general is plain_backward.dot_general for layer in linears)
 
 
+@pytest.mark.parametrize("avx512", [False, True])  # the backward in head halves (YNNPACK's products) or whole
 @pytest.mark.parametrize("heads", [1, 3])  # 3: the two head groups of the VJP are uneven (1 + 2)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_attention_gradients_match_autodiff(dtype, heads):
+def test_attention_gradients_match_autodiff(dtype, heads, avx512, monkeypatch):
+  monkeypatch.setattr(plain_backward.xla_cpu, "has_avx512", lambda: avx512)
   kq, kk, kv, kc = jax.random.split(jax.random.key(2), 4)
   q, k, v = (jax.random.normal(key, (2, heads, 7, 4), dtype) for key in (kq, kk, kv))
   cotangent = jax.random.normal(kc, (2, heads, 7, 4), dtype)
