@@ -1,4 +1,4 @@
-"""Products whose backward pass hands XLA:CPU plain operands.
+"""Products whose backward pass hands XLA:CPU no transposed left operand.
 
 XLA:CPU's products with a transposed lhs, the backward's xᵀ·dy and Aᵀ·dO, ran at half speed in YNNPACK or fell
 back to Eigen's batched matmul (≈ 10 GFLOP/s for attention's Aᵀ·dO at d1); in oneDNN up to 2.6× slower than the
