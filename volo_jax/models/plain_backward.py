@@ -2,8 +2,8 @@
 
 XLA:CPU's products with a transposed lhs, the backward's xᵀ·dy and Aᵀ·dO, ran at half speed in YNNPACK or fell
 back to Eigen's batched matmul (≈ 10 GFLOP/s for attention's Aᵀ·dO at d1); in oneDNN up to 2.6× slower than the
-plain form (6272×576·576×192: 138 vs 366 GFLOP/s). These custom VJPs transpose the smaller operand explicitly behind an optimization barrier, which
-keeps XLA from folding the transpose back into the product.
+plain form (6272×576·576×192: 138 vs 366 GFLOP/s). These custom VJPs transpose the smaller operand explicitly
+behind an optimization barrier, which keeps XLA from folding the transpose back into the product.
 volo_d1 train step, batch 8, 2 cores: 0.90× the time (9 of 9 interleaved pairs faster). Forward passes are
 unchanged; other backends use plain autodiff.
 """
