@@ -90,15 +90,20 @@ def make_train_step(graphdef, rng_template, tx: optax.GradientTransformation, co
     model.train()
     (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, images, targets)  # Param grads
     batch_stats = nnx.state(model, nnx.BatchStat)  # running statistics updated by the forward
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    updated = {"params": params, "batch_stats": batch_stats, "opt_state": opt_state}
-    if "ema_params" in state:
-      updated["ema_params"] = optax.incremental_update(params, state["ema_params"], 1.0 - ema_decay)
-    # A non-finite loss or gradient leaves the state as it was (the host stops or counts the skip, per config).
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updated = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, before)
+
+    def update():
+      updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+      params = optax.apply_updates(state["params"], updates)
+      updated = {"params": params, "batch_stats": batch_stats, "opt_state": opt_state}
+      if "ema_params" in state:
+        updated["ema_params"] = optax.incremental_update(params, state["ema_params"], 1.0 - ema_decay)
+      return updated
+
+    # A non-finite loss or gradient leaves the state as it was (the host stops or counts the skip, per config).
+    # A cond, not a select per leaf: the update then runs in place, with no extra pass over the state.
+    updated = jax.lax.cond(finite, update, lambda: before)
     skipped = state["skipped_batches"] + jnp.where(finite, 0, 1).astype(state["skipped_batches"].dtype)
     new_state = dict(state, step=state["step"] + 1, skipped_batches=skipped, **updated)
     metrics = {"loss": loss, "accuracy": (logits.argmax(-1) == batch["label"]).mean(), "grad_norm": grad_norm,
