@@ -1,7 +1,5 @@
-"""xla_cpu: the choice of XLA:CPU's dot library, VOLO compiled with oneDNN's dots against timm, convolutions
-kept out of YNNPACK, and the copies region analysis spares."""
-
-import re
+"""xla_cpu: the choice of XLA:CPU's dot library, VOLO compiled with oneDNN's dots against timm, and
+convolutions kept out of YNNPACK."""
 
 import jax
 import jax.numpy as jnp
@@ -10,19 +8,16 @@ import pytest
 from flax import nnx
 
 from torch_reference import converted_volo, nhwc_batch, randomised_timm_volo, relative_error, torch, torch_logits
-import volo_jax
-from configs import common
 from volo_jax import xla_cpu
-from volo_jax.train import optim, step as step_lib
 from volo_jax.convert.mapping import state_dict
 
 
 def test_auto_picks_onednn_exactly_on_avx512_cpus():
   assert jax.default_backend() == "cpu"
-  copies = {**xla_cpu.REGION_ANALYSIS_COPIES, **xla_cpu.EIGEN_CONVOLUTIONS}
-  assert xla_cpu.compiler_options("ynnpack") == copies
-  assert xla_cpu.compiler_options("onednn") == {**copies, **xla_cpu.ONEDNN_DOTS}
-  assert xla_cpu.compiler_options() == {**copies, **(xla_cpu.ONEDNN_DOTS if xla_cpu.has_avx512() else {})}
+  convolutions = dict(xla_cpu.EIGEN_CONVOLUTIONS)
+  assert xla_cpu.compiler_options("ynnpack") == convolutions
+  assert xla_cpu.compiler_options("onednn") == {**convolutions, **xla_cpu.ONEDNN_DOTS}
+  assert xla_cpu.compiler_options() == {**convolutions, **(xla_cpu.ONEDNN_DOTS if xla_cpu.has_avx512() else {})}
   with pytest.raises(ValueError, match="dots must be one of"):
     xla_cpu.compiler_options("mkl")
 
@@ -88,23 +83,3 @@ def test_onednn_train_gradients_match_timm():
       assert relative_error(ours[name], p.grad.numpy()) <= bound, name
       checked += 1
   assert checked == len(list(reference.parameters())) - 2
-
-
-def _compiled_train_step_text(compiler_options: dict) -> str:
-  config = common.base_config()
-  config.ema_decay, config.token_label.enabled = 0.0, False
-  model = volo_jax.create_model("volo_tiny", img_size=32, num_classes=10)
-  graphdef, params, batch_stats, rng_template = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
-  tx = optim.make_optimizer(config, steps_per_epoch=10)
-  state = step_lib.initial_state(params, batch_stats, tx)
-  batch = {"image": jnp.zeros((2, 32, 32, 3)), "label": jnp.arange(2, dtype=jnp.int32)}
-  step = jax.jit(step_lib.make_train_step(graphdef, rng_template, tx, config, 10), donate_argnums=0,
-                 compiler_options=compiler_options)
-  return step.lower(state, batch).compile().as_text()
-
-
-def test_region_analysis_spares_the_copies_of_the_optimizer_state():
-  """Without it, XLA copies every AdamW moment of the donated state before updating it in place."""
-  copies_of_moments = lambda text: len(re.findall(r"copy\(%state__opt_state\S*__(?:mu|nu)__", text))
-  assert copies_of_moments(_compiled_train_step_text({})) > 0
-  assert copies_of_moments(_compiled_train_step_text(xla_cpu.compiler_options("ynnpack"))) == 0

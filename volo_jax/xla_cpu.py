@@ -1,5 +1,4 @@
-"""XLA:CPU compile options for the jitted steps: which library runs the matrix products and the convolutions,
-and copy insertion.
+"""XLA:CPU compile options for the jitted steps: which library runs the matrix products and the convolutions.
 
 XLA:CPU hands dots to YNNPACK by default. On a 2-core Xeon with AVX-512 its products ran at 0.5–0.6× oneDNN's
 (fc1, 1568×384×1152: 187 vs 343 GFLOP/s), and the volo_d1 train step took 0.94× the time with every plain dot
@@ -13,10 +12,6 @@ the stem's 3×3 64→64 convolution at 112², batch 8, forward 87 vs 27 ms, forw
 That makes native convolutions faster than the patch-matmul forms the stem used before (stem fwd+bwd 361 vs 400
 ms; d1 train step 0.985× the time, 12 of 14 alternated steps faster; inference 0.915×, 15 of 15). YNNPACK keeps
 the dots and reductions it takes by default (the d1 step's HLO without convolutions is identical).
-
-Copy insertion with region analysis proves more of the donated state's in-place updates safe: the train step
-no longer copies every AdamW moment before updating it (2589 → 1729 copies in the d1 step's HLO); with oneDNN's
-dots the step took 0.970× and 0.986× the time (9 of 10, 10 of 12 faster), with YNNPACK's 1.000×.
 """
 
 import functools
@@ -25,7 +20,6 @@ import jax
 
 ONEDNN_DOTS = {"xla_cpu_use_onednn": True,
                "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
-REGION_ANALYSIS_COPIES = {"xla_cpu_copy_insertion_use_region_analysis": True}
 EIGEN_CONVOLUTIONS = {  # YNNPACK's default fusion types less LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION
     "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 CHOICES = ("auto", "onednn", "ynnpack")
@@ -52,12 +46,12 @@ def cpu_model() -> str:
 
 
 def compiler_options(dots: str = "auto") -> dict:
-  """`jax.jit(..., compiler_options=…)` for a step on the default backend: region-analysis copy insertion, Eigen
-  convolutions, and the dot library. dots: "auto" picks oneDNN on an AVX-512 CPU and XLA's default (YNNPACK)
+  """`jax.jit(..., compiler_options=…)` for a step on the default backend: Eigen convolutions and the dot
+  library. dots: "auto" picks oneDNN on an AVX-512 CPU and XLA's default (YNNPACK)
   otherwise; "onednn" and "ynnpack" force one. {} off the CPU."""
   if dots not in CHOICES:
     raise ValueError(f"dots must be one of {CHOICES}, got {dots!r}")
   if jax.default_backend() != "cpu":
     return {}
   use_onednn = dots == "onednn" or (dots == "auto" and has_avx512())
-  return {**REGION_ANALYSIS_COPIES, **EIGEN_CONVOLUTIONS, **(ONEDNN_DOTS if use_onednn else {})}
+  return {**EIGEN_CONVOLUTIONS, **(ONEDNN_DOTS if use_onednn else {})}
