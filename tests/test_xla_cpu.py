@@ -14,7 +14,7 @@ from volo_jax.convert.mapping import state_dict
 
 def test_auto_picks_onednn_exactly_on_avx512_cpus():
   assert jax.default_backend() == "cpu"
-  convolutions = dict(xla_cpu.EIGEN_CONVOLUTIONS)
+  convolutions = xla_cpu.EIGEN_CONVOLUTIONS
   assert xla_cpu.compiler_options("ynnpack") == convolutions
   assert xla_cpu.compiler_options("onednn") == {**convolutions, **xla_cpu.ONEDNN_DOTS}
   assert xla_cpu.compiler_options() == {**convolutions, **(xla_cpu.ONEDNN_DOTS if xla_cpu.has_avx512() else {})}

@@ -53,8 +53,9 @@ def parse_args(argv):
   p.add_argument("--trace", default="", help="write a jax.profiler trace of the timed JAX runs to this dir")
   p.add_argument("--json", default="", help="write the results here")
   p.add_argument("--default-malloc", action="store_true",
-                 help="leave glibc's malloc as it is (by default, on a host without an accelerator, freed memory "
-                      "is kept in the process for both frameworks: see volo_jax/host_memory.py)")
+                 help="leave glibc's malloc and JAX's CPU dispatch as they are (by default, on a host without an "
+                      "accelerator, freed memory is kept in the process for both frameworks and single-device "
+                      "computations run on the calling thread: see volo_jax/host_memory.py)")
   args = p.parse_args(argv)
   args.modes = [m.strip() for m in args.mode.split(",") if m.strip()]
   unknown = sorted(set(args.modes) - set(MODES))

@@ -47,8 +47,8 @@ def cpu_model() -> str:
 
 def compiler_options(dots: str = "auto") -> dict:
   """`jax.jit(..., compiler_options=…)` for a step on the default backend: Eigen convolutions and the dot
-  library. dots: "auto" picks oneDNN on an AVX-512 CPU and XLA's default (YNNPACK)
-  otherwise; "onednn" and "ynnpack" force one. {} off the CPU."""
+  library. dots: "auto" picks oneDNN on an AVX-512 CPU and XLA's default (YNNPACK) otherwise; "onednn" and
+  "ynnpack" force one. {} off the CPU."""
   if dots not in CHOICES:
     raise ValueError(f"dots must be one of {CHOICES}, got {dots!r}")
   if jax.default_backend() != "cpu":
