@@ -31,6 +31,8 @@ def evaluate_weights(config, weights: str) -> dict:
 
 def main(argv):
   del argv
+  from volo_jax import host_memory  # pylint: disable=import-outside-toplevel
+  host_memory.tune_for_cpu_backend()  # before JAX starts its CPU client, as train.py
   if FLAGS.distributed:
     import jax  # pylint: disable=import-outside-toplevel
     jax.distributed.initialize()
