@@ -30,6 +30,7 @@ def _check_case(case: dict, input_images: int):
     assert case["host_cores_busy"] == pytest.approx(case["cpu_time_s"]["median"] / step["median"])
   if case["framework"] == "jax" and case["mode"] != "input":
     assert case["compile_time_s"] > 0 and case["flops_per_image"] > 0 and case["compiled_buffer_bytes"] > 0
+    assert case["flops_source"] == "xla"
     assert case["flops_per_s"] == pytest.approx(case["flops_per_image"] * ips["median"])
     assert 0 < case["mfu"] < 2
     assert "peak_memory_bytes" in case
@@ -80,6 +81,25 @@ def test_bench_writes_every_case_to_json(tmp_path):
   assert cases[("train", "jax")]["flops_per_image"] > 2.5 * cases[("infer", "jax")]["flops_per_image"]
   share = cases[("train", "jax")]["outlook_attention"]
   assert share["blocks"] == 4 and 0 < share["flops_share"] < 1 and share["time_share"] > 0
+
+
+def test_scanned_model_takes_the_papers_flops():
+  """XLA's cost analysis counts a scanned stack's loop body once, so with --scan the bench reports no XLA count
+  and measures MFU against the paper's FLOPs."""
+  def xla_flops(**kw):
+    abstract = nnx.eval_shape(lambda: create_model("volo_d1", img_size=32, num_classes=1000, **kw))
+    abstract.eval()
+    graphdef, state = nnx.split(abstract)
+    images = jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32)
+    return jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, images).cost_analysis()["flops"]
+  assert xla_flops(scan_blocks=True) < 0.5 * xla_flops()  # d1's 18 blocks counted as 2 loop bodies
+
+  args = bench.parse_args(["--model", "volo_d1", "--scan"])
+  timed = {"framework": "jax", "flops_per_call": 1e9, "images_per_s": {"median": 2.0, "min": 1.0, "max": 3.0}}
+  case = bench._finish_case(timed, args, "train", {"flops_per_s": 1e11, "devices": 1})
+  paper = 3 * 2e9 * bench.PAPER_GMACS[("volo_d1", 224)]
+  assert case["flops_per_image"] is None and case["flops_source"] == "paper"
+  assert case["paper_flops_per_image"] == paper and case["mfu"] == pytest.approx(2.0 * paper / 1e11)
 
 
 def test_bench_refuses_unknown_mode():
