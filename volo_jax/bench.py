@@ -114,10 +114,11 @@ def matmul_peak(dtype_name: str, compiler_options: dict) -> dict:
   return {"size": size, "dtype": dtype_name, "flops_per_s": 2 * size**3 / statistics.median(times)}
 
 
-def _compiled_facts(lowered, devices: int = 1) -> tuple:
+def _compiled_facts(lowered, devices: int = 1, *, scanned: bool = False) -> tuple:
   """(compiled, compile seconds, FLOPs per call over its `devices`, buffer bytes of the compiled program).
 
   XLA's cost analysis counts one device's share of a partitioned program: the whole call is `devices` times it.
+  It counts a loop's body once, so a `scanned` model's FLOPs are None (a scanned stack would count as one block).
   """
   start = time.perf_counter()
   compiled = lowered.compile()
@@ -129,7 +130,8 @@ def _compiled_facts(lowered, devices: int = 1) -> tuple:
   if memory is not None:
     buffer_bytes = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
                     - memory.alias_size_in_bytes)
-  return compiled, compile_s, devices * float(cost.get("flops", 0.0)) if cost else None, buffer_bytes
+  flops = devices * float(cost.get("flops", 0.0)) if cost and not scanned else None
+  return compiled, compile_s, flops, buffer_bytes
 
 
 def _backend_peak_bytes():
@@ -174,7 +176,8 @@ def jax_infer(args, mesh) -> tuple[dict, callable]:
   images = jax.device_put(_images(args), jax.NamedSharding(mesh, jax.P("data")))
   state = jax.device_put(state, jax.NamedSharding(mesh, jax.P()))
   forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x), compiler_options=args.compiler_options)
-  compiled, compile_s, flops, buffer_bytes = _compiled_facts(forward.lower(state, images), mesh.size)
+  compiled, compile_s, flops, buffer_bytes = _compiled_facts(forward.lower(state, images), mesh.size,
+                                                              scanned=args.scan)
   facts = dict(compile_time_s=compile_s, flops_per_call=flops, compiled_buffer_bytes=buffer_bytes)
   return facts, lambda: compiled(state, images).block_until_ready()
 
@@ -208,7 +211,8 @@ def jax_train(args, mesh) -> tuple[dict, callable]:
            "label": jax.device_put(jnp.arange(args.batch, dtype=jnp.int32) % 1000, data)}
   step = jax.jit(step_lib.make_train_step(graphdef, rng_template, tx, config, 1000), donate_argnums=0,
                  compiler_options=args.compiler_options)
-  compiled, compile_s, flops, buffer_bytes = _compiled_facts(step.lower(state, batch), mesh.size)
+  compiled, compile_s, flops, buffer_bytes = _compiled_facts(step.lower(state, batch), mesh.size,
+                                                              scanned=args.scan)
   holder = [state]
 
   def run():
@@ -406,8 +410,6 @@ def _finish_case(case: dict, args, mode: str, peak: dict | None) -> dict:
   paper = gmacs * 2e9 * (3 if mode == "train" else 1) if gmacs and mode != "input" else None
   case["paper_flops_per_image"] = paper
   per_call = case.pop("flops_per_call", None)
-  if args.scan:  # XLA's cost analysis counts a loop's body once: a scanned stack would count as one block
-    per_call = None
   case["flops_per_image"] = per_call / args.batch if per_call else None
   flops_per_image = case["flops_per_image"] or paper
   case["flops_source"] = "xla" if case["flops_per_image"] else "paper" if paper else None
