@@ -95,7 +95,6 @@ def test_scanned_model_takes_the_papers_flops():
   assert xla_flops(scan_blocks=True) < 0.5 * xla_flops()  # d1's 18 blocks counted as 2 loop bodies
 
   small = bench.parse_args(["--model", "volo_d1", "--img-size", "32", "--scan"])
-  small.compiler_options = xla_cpu.compiler_options()
   mesh = jax.make_mesh((jax.local_device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   with jax.set_mesh(mesh):
     facts, _ = bench.jax_infer(small, mesh)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from volo_jax import xla_cpu
 from volo_jax.models import plain_backward
 
 
@@ -74,11 +75,10 @@ def test_every_linear_layer_of_the_model_uses_it():
   assert len(linears) > 10 and all(layer.dot_general is plain_backward.dot_general for layer in linears)
 
 
-@pytest.mark.parametrize("avx512", [False, True])  # the backward in head halves (YNNPACK's products) or whole
+@pytest.mark.parametrize("dots", ["ynnpack", "onednn"])  # the backward in head halves or whole
 @pytest.mark.parametrize("heads", [1, 3])  # 3: the two head groups of the VJP are uneven (1 + 2)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_attention_gradients_match_autodiff(dtype, heads, avx512, monkeypatch):
-  monkeypatch.setattr(plain_backward.xla_cpu, "has_avx512", lambda: avx512)
+def test_attention_gradients_match_autodiff(dtype, heads, dots):
   kq, kk, kv, kc = jax.random.split(jax.random.key(2), 4)
   q, k, v = (jax.random.normal(key, (2, heads, 7, 4), dtype) for key in (kq, kk, kv))
   cotangent = jax.random.normal(kc, (2, heads, 7, 4), dtype)
@@ -91,7 +91,7 @@ def test_attention_gradients_match_autodiff(dtype, heads, avx512, monkeypatch):
     return lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) * cotangent)
 
   _close(plain_backward.attention(q, k, v), reference(q, k, v), dtype)
-  ours = jax.jit(jax.grad(loss(plain_backward.attention), (0, 1, 2)))(q, k, v)
+  ours = xla_cpu.jit(jax.grad(loss(plain_backward.attention), (0, 1, 2)), dots=dots)(q, k, v)
   for a, b in zip(ours, jax.grad(loss(reference), (0, 1, 2))(q, k, v)):
     assert a.dtype == b.dtype and a.shape == b.shape
     _close(a, b, dtype)

@@ -10,6 +10,7 @@ from flax import nnx
 from torch_reference import converted_volo, nhwc_batch, randomised_timm_volo, relative_error, torch, torch_logits
 from volo_jax import xla_cpu
 from volo_jax.convert.mapping import state_dict
+from volo_jax.models import plain_backward
 
 
 def test_auto_picks_onednn_exactly_on_avx512_cpus():
@@ -20,6 +21,17 @@ def test_auto_picks_onednn_exactly_on_avx512_cpus():
   assert xla_cpu.compiler_options() == {**convolutions, **(xla_cpu.ONEDNN_DOTS if xla_cpu.has_avx512() else {})}
   with pytest.raises(ValueError, match="dots must be one of"):
     xla_cpu.compiler_options("mkl")
+
+
+def test_jit_traces_the_model_under_its_dot_library():
+  """Layers shape their products for the library the step gives them, not for the CPU's default: the attention
+  backward is whole under oneDNN and in head halves under YNNPACK, whichever was traced first in the process."""
+  q = jnp.ones((2, 4, 7, 8))
+  grad = jax.grad(lambda q: plain_backward.attention(q, q, q).sum())
+  for dots in ("onednn", "ynnpack", "onednn"):
+    assert ("concatenate" in xla_cpu.jit(grad, dots=dots).lower(q).as_text()) == (dots == "ynnpack")
+  assert xla_cpu.onednn_dots() == xla_cpu.has_avx512()  # outside a step: "auto"
+  assert xla_cpu.onednn_dots("onednn") and not xla_cpu.onednn_dots("ynnpack")
 
 
 def test_convolutions_compile_outside_ynnpack():
@@ -47,7 +59,7 @@ def test_onednn_eval_logits_match_timm():
   model = converted_volo(reference, "volo_d1")
   model.eval()
   graphdef, state = nnx.split(model)
-  forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x), compiler_options=xla_cpu.compiler_options("onednn"))
+  forward = xla_cpu.jit(lambda s, x: nnx.merge(graphdef, s)(x), dots="onednn")
   compiled = forward.lower(state, jnp.asarray(images)).compile()
   assert "__onednn_fusion" in compiled.as_text()  # the option names still mean something to this XLA
   assert relative_error(compiled(state, jnp.asarray(images)), torch_logits(reference, images)) <= 1e-4
@@ -67,7 +79,7 @@ def test_onednn_train_gradients_match_timm():
   def param_grads(params, rest, x):
     return nnx.grad(lambda m: jnp.vdot(m(x), cotangent))(nnx.merge(graphdef, params, rest))
 
-  grad = jax.jit(param_grads, compiler_options=xla_cpu.compiler_options("onednn"))
+  grad = xla_cpu.jit(param_grads, dots="onednn")
   compiled = grad.lower(params, rest, jnp.asarray(images)).compile()
   assert "__onednn_fusion" in compiled.as_text()
   nnx.update(model, compiled(params, rest, jnp.asarray(images)))  # the model now holds the gradients

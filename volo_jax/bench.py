@@ -100,7 +100,7 @@ def throughput(times: list[float], images: int) -> dict:
 
 # ----------------------------------------------------------------------------------------------------- JAX
 
-def matmul_peak(dtype_name: str, compiler_options: dict) -> dict:
+def matmul_peak(dtype_name: str, dots: str) -> dict:
   """FLOP/s of a large square matmul on one device, compiled as the steps are: the practical peak MFU is
   measured against."""
   import jax  # pylint: disable=import-outside-toplevel
@@ -109,7 +109,7 @@ def matmul_peak(dtype_name: str, compiler_options: dict) -> dict:
   dtype = jnp.dtype(dtype_name)
   a = jax.random.normal(jax.random.key(0), (size, size), dtype)
   b = jax.random.normal(jax.random.key(1), (size, size), dtype)
-  matmul = jax.jit(lambda a, b: a @ b, compiler_options=compiler_options)
+  matmul = xla_cpu.jit(lambda a, b: a @ b, dots=dots)
   times = time_runs(lambda: matmul(a, b).block_until_ready(), warmup=2, runs=5)
   return {"size": size, "dtype": dtype_name, "flops_per_s": 2 * size**3 / statistics.median(times)}
 
@@ -175,7 +175,7 @@ def jax_infer(args, mesh) -> tuple[dict, callable]:
   graphdef, state = nnx.split(model)
   images = jax.device_put(_images(args), jax.NamedSharding(mesh, jax.P("data")))
   state = jax.device_put(state, jax.NamedSharding(mesh, jax.P()))
-  forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x), compiler_options=args.compiler_options)
+  forward = xla_cpu.jit(lambda state, x: nnx.merge(graphdef, state)(x), dots=args.cpu_dots)
   compiled, compile_s, flops, buffer_bytes = _compiled_facts(forward.lower(state, images), mesh.size,
                                                               scanned=args.scan)
   facts = dict(compile_time_s=compile_s, flops_per_call=flops, compiled_buffer_bytes=buffer_bytes)
@@ -209,8 +209,8 @@ def jax_train(args, mesh) -> tuple[dict, callable]:
   data = jax.NamedSharding(mesh, jax.P("data"))
   batch = {"image": jax.device_put(_images(args), data),
            "label": jax.device_put(jnp.arange(args.batch, dtype=jnp.int32) % 1000, data)}
-  step = jax.jit(step_lib.make_train_step(graphdef, rng_template, tx, config, 1000), donate_argnums=0,
-                 compiler_options=args.compiler_options)
+  step = xla_cpu.jit(step_lib.make_train_step(graphdef, rng_template, tx, config, 1000), dots=args.cpu_dots,
+                     donate_argnums=0)
   compiled, compile_s, flops, buffer_bytes = _compiled_facts(step.lower(state, batch), mesh.size,
                                                               scanned=args.scan)
   holder = [state]
@@ -235,8 +235,8 @@ def outlook_share(args, step_result) -> dict:
                                                rngs=nnx.Rngs(0)))
   side = args.img_size // PATCH_SIZE  # stage 1 runs on the stride-8 map
   x = jax.random.normal(jax.random.key(0), (args.batch, side, side, variant.embed_dims[0]), dtype)
-  grad = jax.jit(jax.grad(lambda s, x: (nnx.merge(graphdef, s)(x).astype(jnp.float32) ** 2).sum(),
-                          argnums=(0, 1)), compiler_options=args.compiler_options)
+  grad = xla_cpu.jit(jax.grad(lambda s, x: (nnx.merge(graphdef, s)(x).astype(jnp.float32) ** 2).sum(),
+                              argnums=(0, 1)), dots=args.cpu_dots)
   compiled, _, flops, _ = _compiled_facts(grad.lower(state, x))
   layer_s = statistics.median(time_runs(lambda: jax.block_until_ready(compiled(state, x)), warmup=args.warmup,
                                         runs=args.runs))
@@ -435,7 +435,7 @@ def run(args) -> dict:
   if {"infer", "train"} & set(args.modes):
     # MFU's denominator: one device's peak times the devices, except on CPU, where the (fake) devices share the
     # host's cores and one device's matmul already uses them all.
-    peak = dict(matmul_peak(args.dtype, args.compiler_options),
+    peak = dict(matmul_peak(args.dtype, args.cpu_dots),
                 devices=1 if jax.default_backend() == "cpu" else jax.local_device_count())
   data_mesh = jax.make_mesh((jax.local_device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   cases = []

@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     return 2
   model.eval()
   graphdef, state = nnx.split(model)
-  forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x), compiler_options=xla_cpu.compiler_options())
+  forward = xla_cpu.jit(lambda state, x: nnx.merge(graphdef, state)(x))
   probs = np.asarray(jax.nn.softmax(forward(state, batch), axis=-1))
   names = imagenet_class_names()
   for path, p in zip(args.images, probs):

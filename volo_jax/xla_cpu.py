@@ -1,4 +1,5 @@
 """XLA:CPU compile options for the jitted steps: which library runs the matrix products and the convolutions.
+`jit` compiles a step with them and lets the layers it traces ask which dot library that step uses.
 
 XLA:CPU hands dots to YNNPACK by default. On a 2-core Xeon with AVX-512 its products ran at 0.5–0.6× oneDNN's
 (fc1, 1568×384×1152: 187 vs 343 GFLOP/s), and the volo_d1 train step took 0.94× the time with every plain dot
@@ -15,6 +16,7 @@ ms; d1 train step 0.985× the time, 12 of 14 alternated steps faster; inference 
 the dots and reductions it takes by default (the d1 step's HLO without convolutions is identical).
 """
 
+import contextvars
 import functools
 
 import jax
@@ -24,6 +26,7 @@ ONEDNN_DOTS = {"xla_cpu_use_onednn": True,
 EIGEN_CONVOLUTIONS = {  # YNNPACK's default fusion types less LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION
     "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 CHOICES = ("auto", "onednn", "ynnpack")
+_TRACING_DOTS = contextvars.ContextVar("xla_cpu_tracing_dots", default="auto")  # set by `jit` while it traces
 
 
 @functools.cache
@@ -46,13 +49,33 @@ def cpu_model() -> str:
   return _cpuinfo("model name")
 
 
-def compiler_options(dots: str = "auto") -> dict:
-  """`jax.jit(..., compiler_options=…)` for a step on the default backend: Eigen convolutions and the dot
-  library. dots: "auto" picks oneDNN on an AVX-512 CPU and XLA's default (YNNPACK) otherwise; "onednn" and
-  "ynnpack" force one. {} off the CPU."""
+def onednn_dots(dots: str | None = None) -> bool:
+  """Whether XLA:CPU's products run in oneDNN under `dots`; by default under the choice of the `jit` tracing
+  the caller ("auto" outside one). dots: "auto" picks oneDNN on an AVX-512 CPU, "onednn" and "ynnpack" force
+  one. False off the CPU."""
+  dots = _TRACING_DOTS.get() if dots is None else dots
   if dots not in CHOICES:
     raise ValueError(f"dots must be one of {CHOICES}, got {dots!r}")
+  return jax.default_backend() == "cpu" and (dots == "onednn" or (dots == "auto" and has_avx512()))
+
+
+def compiler_options(dots: str = "auto") -> dict:
+  """`jax.jit(..., compiler_options=…)` for a step on the default backend: Eigen convolutions and the dot
+  library `dots` picks (see onednn_dots). {} off the CPU."""
+  use_onednn = onednn_dots(dots)  # validates dots
   if jax.default_backend() != "cpu":
     return {}
-  use_onednn = dots == "onednn" or (dots == "auto" and has_avx512())
   return {**EIGEN_CONVOLUTIONS, **(ONEDNN_DOTS if use_onednn else {})}
+
+
+def jit(fun, *, dots: str = "auto", **jit_kwargs):
+  """jax.jit(fun, **jit_kwargs) with compiler_options(dots), tracing fun under `dots`: layers whose best form
+  depends on the dot library (plain_backward's attention) ask onednn_dots() and get this step's answer."""
+  @functools.wraps(fun)
+  def traced_under_dots(*args, **kwargs):
+    token = _TRACING_DOTS.set(dots)
+    try:
+      return fun(*args, **kwargs)
+    finally:
+      _TRACING_DOTS.reset(token)
+  return jax.jit(traced_under_dots, compiler_options=compiler_options(dots), **jit_kwargs)

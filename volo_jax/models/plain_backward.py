@@ -92,11 +92,11 @@ def _attention_fwd(q, k, v):
 
 
 def _attention_bwd(residuals, d_out):
-  """In head halves where XLA:CPU's products default to YNNPACK; whole where `xla_cpu` gives them to oneDNN
-  (AVX-512), whose products use both cores and for which the halves' strided slices of the N×N weights only cost:
+  """In head halves where XLA:CPU's products run in YNNPACK; whole where the step (`xla_cpu.jit`) gives them to
+  oneDNN, whose products use both cores and for which the halves' strided slices of the N×N weights only cost:
   the core's fwd+bwd at d1's stage-2 shape, batch 8, 14.1 vs 19.8 ms; the d1 train step 0.970× and 0.981× the
   time (9 of 14 and 12 of 16 alternated steps faster)."""
-  if xla_cpu.has_avx512():
+  if xla_cpu.onednn_dots():
     return _attention_bwd_core(*residuals, d_out)
   return _in_head_halves(_attention_bwd_core, *residuals, d_out)
 

@@ -91,14 +91,14 @@ class Setup:
     return {"top1": totals["top1"] / max(totals["count"], 1), "top5": totals["top5"] / max(totals["count"], 1),
             "count": int(totals["count"])}
 
-  def compiler_options(self) -> dict:
-    """The steps' XLA options: which library runs XLA:CPU's products (config.xla_cpu_dots)."""
-    return xla_cpu.compiler_options(self.config.get("xla_cpu_dots", "auto"))
+  def jit(self, fun, **jit_kwargs):
+    """jax.jit for the run's steps, with the library that runs XLA:CPU's products (config.xla_cpu_dots)."""
+    return xla_cpu.jit(fun, dots=self.config.get("xla_cpu_dots", "auto"), **jit_kwargs)
 
   def jit_eval_step(self, use_ema: bool):
     """The state keeps the shardings it has (a train state, or just params and batch stats)."""
-    return jax.jit(step_lib.make_eval_step(self.graphdef, self.rng_template, use_ema),
-                   in_shardings=(None, self.batch_sharding), compiler_options=self.compiler_options())
+    return self.jit(step_lib.make_eval_step(self.graphdef, self.rng_template, use_ema),
+                    in_shardings=(None, self.batch_sharding))
 
   def weights_state(self, model):
     """{params, batch_stats} of `model`, placed with the train state's shardings (for evaluation)."""
@@ -218,10 +218,10 @@ def _train_loop(config, workdir: str, setup: Setup, ckpt: checkpoint.Checkpointe
   """train_and_evaluate's steps, saves and evaluations, under the run's mesh."""
   state = _initial_state(setup, ckpt, pretrained)
   start = int(state["step"])
-  train_step = jax.jit(
+  train_step = setup.jit(
       step_lib.make_train_step(setup.graphdef, setup.rng_template, setup.tx, config, setup.info.num_classes),
       in_shardings=(setup.state_sharding, setup.batch_sharding), out_shardings=(setup.state_sharding, None),
-      donate_argnums=0, compiler_options=setup.compiler_options())
+      donate_argnums=0)
   eval_step = setup.jit_eval_step(use_ema=config.get("ema_decay", 0.0) > 0)
   lr_fn = optim.lr_schedule(config, setup.steps_per_epoch)
   batches = pipeline.train_dataset(config, local_batch=setup.local_batch, start_step=start,
