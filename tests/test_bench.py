@@ -40,14 +40,16 @@ def _check_case(case: dict, input_images: int):
 def test_bench_writes_every_case_to_json(tmp_path):
   out = tmp_path / "bench.json"
   # Another module's trainer may have left its (data, fsdp) mesh set globally: the bench must not care.
+  # --default-malloc: this pytest worker runs other modules after this one, with malloc and dispatch as they were.
   with jax.set_mesh(jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)):
     returned = bench.main(["--model", "volo_d1", "--img-size", "32", "--batch", "8", "--mode",
-                           "infer,train,input",
+                           "infer,train,input", "--default-malloc",
                            "--compare-torch", "--no-torch-compile", "--runs", "1", "--warmup", "0",
                            "--input-images", "4", "--outlook-breakdown", "--json", str(out)])
   results = json.loads(out.read_text())
   assert results == json.loads(json.dumps(returned))
   assert results["machine"]["backend"] == jax.default_backend()
+  assert results["machine"]["host_memory_retained"] is False and jax.config.read("jax_cpu_enable_async_dispatch")
   assert results["machine"]["torch_threads"] == os.cpu_count()  # the model cases' count, after the one-core input case
   assert results["machine"]["xla_compiler_options"] == xla_cpu.compiler_options("auto")
   assert isinstance(results["machine"]["cpu_model"], str)
