@@ -5,7 +5,7 @@ XLA:CPU hands dots to YNNPACK by default. On a 2-core Xeon with AVX-512 its prod
 (fc1, 1568×384×1152: 187 vs 343 GFLOP/s), and the volo_d1 train step took 0.94× the time with every plain dot
 in oneDNN (7 of 8 alternated steps faster), inference 0.89× (9 of 10). On a 2-core AMD EPYC with AVX2,
 YNNPACK's products were as fast as any (60–80 GFLOP/s per core), so elsewhere the default stays. On a Zen 4
-EPYC (AVX-512) the two measured within noise in the step (YNNPACK's 1.039× and 0.977× oneDNN's time).
+EPYC (AVX-512) YNNPACK's step took 1.039×, 0.977× and 1.069× oneDNN's time in three alternated runs.
 `INDIVIDUAL_DOT` gives oneDNN each dot alone: its fused form (`DOT`, elementwise neighbours included) failed to
 compile a partition of the inference graph and crashed the process.
 
