@@ -430,7 +430,6 @@ def run(args) -> dict:
   if args.batch % jax.local_device_count():
     raise SystemExit(f"--batch {args.batch} does not divide over the {jax.local_device_count()} local devices")
   args.drop_path_rate = _train_config(args).model.drop_path_rate
-  args.compiler_options = xla_cpu.compiler_options(args.cpu_dots)
   peak = None
   if {"infer", "train"} & set(args.modes):
     # MFU's denominator: one device's peak times the devices, except on CPU, where the (fake) devices share the
@@ -485,7 +484,7 @@ def machine_facts(args) -> dict:
            "platform": platform.platform(), "jax": jax.__version__,
            "host_memory_retained": args.host_memory_retained,
            "cpu_model": xla_cpu.cpu_model() or platform.processor(),
-           "xla_compiler_options": args.compiler_options}
+           "xla_compiler_options": xla_cpu.compiler_options(args.cpu_dots)}
   if args.compare_torch:
     import torch  # pylint: disable=import-outside-toplevel
     facts.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
