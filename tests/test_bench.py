@@ -40,12 +40,20 @@ def _check_case(case: dict, input_images: int):
     assert "peak_memory_bytes" in case
 
 
+_AFTER_A_GLOBAL_MESH = """
+import runpy, jax
+jax.set_mesh(jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2))
+runpy.run_module("volo_jax.bench", run_name="__main__", alter_sys=True)
+"""
+
+
 @pytest.mark.slow
 def test_bench_writes_every_case_to_json(tmp_path):
-  """The command as a user runs it, in its own process: the bench sets process-wide state (malloc, dispatch,
-  PyTorch's threads), and run inside a pytest worker after other modules it twice died of a SIGABRT there."""
+  """The user's command in its own process (the bench sets process-wide state: malloc, dispatch, PyTorch's
+  threads; run inside a pytest worker after other modules it twice died of a SIGABRT there), started after the
+  calling program set a (data, fsdp) mesh globally, as a trainer does: the bench must build on its own mesh."""
   out = tmp_path / "bench.json"
-  command = [sys.executable, "-m", "volo_jax.bench", "--model", "volo_d1", "--img-size", "32", "--batch", "8",
+  command = [sys.executable, "-c", _AFTER_A_GLOBAL_MESH, "--model", "volo_d1", "--img-size", "32", "--batch", "8",
              "--mode", "infer,train,input", "--compare-torch", "--no-torch-compile", "--runs", "1", "--warmup", "0",
              "--input-images", "4", "--outlook-breakdown", "--json", str(out)]
   done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
