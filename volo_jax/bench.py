@@ -31,7 +31,7 @@ MODES = ("infer", "train", "input")
 
 
 def parse_args(argv):
-  p = argparse.ArgumentParser(prog="python -m volo_jax.bench", description=__doc__.split("\n")[0])
+  p = argparse.ArgumentParser(prog="python -m volo_jax.bench", description=__doc__.split("\n\n")[0].replace("\n", " "))
   p.add_argument("--model", default="volo_d1", help="volo_d1 … volo_d5, volo_tiny")
   p.add_argument("--img-size", type=int, default=224)
   p.add_argument("--batch", type=int, default=8, help="global batch (split over all local devices)")
