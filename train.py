@@ -11,6 +11,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from volo_jax import flag_errors
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "experiment config file (configs/…py[:argument])",
                                 lock_config=True)
@@ -43,18 +45,20 @@ def _initialize_distributed(jax) -> None:
 
 def main(argv):
   del argv
-  from volo_jax import host_memory  # pylint: disable=import-outside-toplevel
-  host_memory.tune_for_cpu_backend()  # before JAX starts its CPU client
+  config = FLAGS.config
+  if config.cpu.tune_host:  # before JAX starts its CPU client; a no-op where an accelerator is attached
+    from volo_jax.cpu import host_memory  # pylint: disable=import-outside-toplevel
+    host_memory.tune_for_cpu_backend()
   logging.get_absl_handler().addFilter(_QuietLibraries())
   import jax  # pylint: disable=import-outside-toplevel
   if _wants_distributed():
     _initialize_distributed(jax)
-  from volo_jax.train import errors  # pylint: disable=import-outside-toplevel
+  from volo_jax import errors  # pylint: disable=import-outside-toplevel
   from volo_jax.train.loop import train_and_evaluate  # pylint: disable=import-outside-toplevel
   logging.info("process %d/%d, %d local / %d global devices", jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
   try:
-    train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    train_and_evaluate(config, FLAGS.workdir)
   except errors.BAD_INPUT as e:
     print(f"train.py: error: {e}", file=sys.stderr)
     sys.exit(2)  # as absl does for a bad flag
@@ -64,4 +68,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=flag_errors.parser("train.py"))

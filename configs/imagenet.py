@@ -26,6 +26,7 @@ and, with another class count, the heads restart.
 """
 
 from configs.common import base_config
+from volo_jax.models import default_crop_pct
 
 # name: (variant, img_size, global batch, lr, drop path)
 _PRETRAIN = {
@@ -43,10 +44,6 @@ _FINETUNE = {
     "volo_d5_448": ("volo_d5", 448, 128, 8e-6, 0.75),
     "volo_d5_512": ("volo_d5", 512, 128, 8e-6, 0.75),
 }
-# timm's eval crop_pct for the released weights at each size.
-_CROP_PCT = {224: 0.96, 384: 1.0, 448: 1.0, 512: 1.15}
-_LARGE_CROP_PCT = {"volo_d4_448": 1.15, "volo_d5_448": 1.15}
-
 EXPERIMENTS = sorted([*_PRETRAIN, *_FINETUNE])
 
 
@@ -63,7 +60,7 @@ def get_config(arg: str = "volo_d1_224"):
   c.model.img_size = img_size
   c.model.drop_path_rate = drop_path
   c.optimizer.lr = lr
-  c.data.crop_pct = _LARGE_CROP_PCT.get(arg, _CROP_PCT[img_size])
+  c.data.crop_pct = default_crop_pct(variant, img_size)  # timm's eval crop for the released weights
   c.token_label.enabled = True
   c.token_label.size = img_size // 16
   c.token_label.ground_truth = finetune

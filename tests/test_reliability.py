@@ -24,7 +24,8 @@ from jax._src import compilation_cache
 from configs import digits
 from conftest import xla_flags
 from volo_jax.data import pipeline
-from volo_jax.train import checkpoint, errors, loop
+from volo_jax import errors
+from volo_jax.train import checkpoint, loop
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The runs' settings, as train.py flags and as config overrides: eval off, a log line (and NaN check) every step.
@@ -73,9 +74,9 @@ def subprocess_env(cache_env: dict, devices: int, **extra) -> dict:
 
 
 def restore(workdir: str, config, step: int | None = None):
-  setup = loop.Setup(config)
+  run = loop.describe_run(config)
   ckpt = checkpoint.Checkpointer(workdir, config)
-  state = ckpt.restore(ckpt.latest_step() if step is None else step, setup.sharded_abstract_state())
+  state = ckpt.restore(ckpt.latest_step() if step is None else step, run.abstract_state)
   ckpt.close()
   return jax.tree.map(np.asarray, jax.device_get(state))
 
@@ -162,7 +163,21 @@ BAD_INPUTS = {
     "image size": ({"model.img_size": 40}, errors.ConfigError, "img_size 40 is not a multiple of VOLO's stride 16"),
     "batch size": ({"batch_size": 36}, errors.ConfigError, "batch_size 36 is not divisible by the 8 devices"),
     "data shards": ({"data.shards": 3}, errors.ConfigError, "data.shards=3 must be a multiple"),
-    "matmul library": ({"xla_cpu_dots": "mkl"}, errors.ConfigError, "xla_cpu_dots 'mkl': choose one of auto"),
+    "matmul library": ({"cpu.dots": "mkl"}, errors.ConfigError, "cpu.dots 'mkl': choose one of auto"),
+    "negative batch": ({"batch_size": -1}, errors.ConfigError, "batch_size -1 must be positive"),
+    "no epochs": ({"schedule.epochs": 0}, errors.ConfigError, "schedule.epochs 0 must be > 0"),
+    "nan lr": ({"optimizer.lr": float("nan")}, errors.ConfigError, "optimizer.lr nan must be a finite number"),
+    "negative weight decay": ({"optimizer.weight_decay": -0.1}, errors.ConfigError,
+                              "optimizer.weight_decay -0.1 must be a finite number ≥ 0"),
+    "beta out of range": ({"optimizer.b2": 1.0}, errors.ConfigError, r"optimizer.b2 1.0 must be in \[0, 1\)"),
+    "drop rate out of range": ({"model.drop_rate": 1.5}, errors.ConfigError, r"model.drop_rate 1.5 must be in"),
+    "remat policy": ({"model.remat": "some"}, errors.ConfigError, "model.remat 'some': choose one of none"),
+    "token labels without dir": ({"token_label.enabled": True, "token_label.size": 2}, errors.ConfigError,
+                                 "token labeling is on but token_label.dir is empty"),
+    "token labels not prepared": ({"token_label.enabled": True, "token_label.size": 2, "token_label.dir": "{root}"},
+                                  errors.ConfigError, "no prepared token labels in .*meta.json missing"),
+    "token label size": ({"token_label.enabled": True, "token_label.dir": "{root}"}, errors.ConfigError,
+                         "token_label.size 14 must be model.img_size/16 = 2"),
     "init_from missing": ({"init_from": "{root}/nothing.pth"}, errors.ConfigError, "no such file or directory"),
     "init_from truncated": ({"init_from": "{root}/truncated.safetensors"}, errors.CheckpointError,
                             "not a readable safetensors file"),
@@ -191,26 +206,53 @@ def test_resuming_another_model_is_refused_leaving_the_workdir_alone(data_dir, c
   """A workdir holding a run of another model (its config.json, as the trainer writes it) is refused."""
   workdir = str(tmp_path / "run")
   first = run_config(data_dir, 1)
-  setup = loop.Setup(first)
+  run = loop.describe_run(first)
   os.makedirs(workdir)
-  loop._write_config(first, workdir, setup.info.num_classes)  # pylint: disable=protected-access
+  loop._write_config(first, workdir, run.dataset.num_classes)  # pylint: disable=protected-access
   before, n_compiles = _tree(workdir), len(compiles)
   with pytest.raises(errors.ConfigError, match="holds a run of model"):
     loop.train_and_evaluate(run_config(data_dir, 2, **{"model.img_size": 48}), workdir)
   assert len(compiles) == n_compiles and _tree(workdir) == before
 
 
-def test_train_py_reports_bad_input_in_one_line_with_exit_code_2(data_dir, cache_env, tmp_path):
+# (train.py arguments after the digits run's own, the one line it must print). Unknown keys and experiments fail
+# while absl parses the flags; the others in train_and_evaluate's checks.
+CONFIG_FILE = "--config=configs/digits.py"
+ONE_LINE_CASES = {
+    "image size": ([CONFIG_FILE, "--config.model.img_size=40"],
+                   "model.img_size 40 is not a multiple of VOLO's stride 16 (the stem's 8 × the downsample's 2)"),
+    "unknown key": ([CONFIG_FILE, "--config.optimizer.lrr=1"],
+                    "unknown config key --config.optimizer.lrr (did you mean optimizer.lr?); optimizer has: b1, b2, "
+                    "clip_grad, eps, lr, weight_decay"),
+    "unknown group": ([CONFIG_FILE, "--config.optimiser.lr=1"],
+                      "unknown config key --config.optimiser.lr (did you mean optimizer?); the config has: "),
+    "wrong type": ([CONFIG_FILE, "--config.batch_size=big"], "flag --config.batch_size=big: invalid literal for int()"),
+    "unknown experiment": (["--config=configs/imagenet.py:volo_d9_224"],
+                           "--config configs/imagenet.py:volo_d9_224: unknown experiment 'volo_d9_224'; choose one "
+                           "of volo_d1_224, volo_d1_384, "),
+    "imagenet without token labels": (["--config=configs/imagenet.py:volo_d1_224"],
+                                      "token labeling is on but token_label.dir is empty: "),
+    "token labels not prepared": ([CONFIG_FILE, "--config.token_label.enabled=True", "--config.token_label.size=2",
+                                   "--config.token_label.dir={tmp}"], "no prepared token labels in "),
+}
+
+
+@pytest.mark.parametrize("case", ONE_LINE_CASES)
+def test_train_py_reports_bad_input_in_one_line_with_exit_code_2(case, data_dir, cache_env, tmp_path):
+  """Bad input, bad flags included, ends in exactly one error line on stderr (no traceback) and exit code 2."""
   workdir = str(tmp_path / "run")
-  result = subprocess.run(train_py(workdir, data_dir, 4, **{"model.img_size": 40}), capture_output=True,
-                          text=True, env=subprocess_env(cache_env, 8), cwd=REPO_ROOT, timeout=300)
-  assert result.returncode == 2
+  args, expected = ONE_LINE_CASES[case]
+  flags = [arg.format(tmp=tmp_path) for arg in args] + [f"--config.data.data_dir={data_dir}"] * (
+      CONFIG_FILE in args)
+  result = subprocess.run([sys.executable, "train.py", *flags, "--workdir", workdir], capture_output=True, text=True,
+                          env=subprocess_env(cache_env, 8), cwd=REPO_ROOT, timeout=300)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr
   # Lines naming an error, not libraries' INFO logs (C++ "I…" lines: TensorFlow's oneDNN notice on Intel CPUs
   # mentions "round-off errors").
   errors_lines = [line for line in result.stderr.splitlines()
                   if "error" in line.lower() and not re.match(r"I\d{4} ", line)]
-  assert errors_lines == ["train.py: error: model.img_size 40 is not a multiple of VOLO's stride 16 "
-                          "(the stem's 8 × the downsample's 2)"]
+  assert len(errors_lines) == 1 and errors_lines[0].startswith("train.py: error: " + expected), errors_lines
   assert not os.path.exists(workdir)
 
 

@@ -180,14 +180,6 @@ def test_training_steps_with_token_labels_and_mix_token(data, prepared, tmp_path
   assert len(losses) == 2 and all(1.3 * np.log(1000) < loss < 1.7 * np.log(1000) for loss in losses)
 
 
-def test_token_labels_on_without_label_data_is_a_clear_error(data, tmp_path):
-  data_dir, _, _ = data
-  with pytest.raises(ValueError, match="token_label.dir is empty"):
-    loop.Setup(_config(data_dir, ""))
-  with pytest.raises(FileNotFoundError, match="no prepared token labels"):
-    loop.Setup(_config(data_dir, str(tmp_path)))
-
-
 def test_imagenet_configs_carry_the_token_label_recipe():
   """The official runs: size 14 at 224, 24 at 384, 28 at 448 (32 at 512, the authors' img/16), ground-truth
   mixing for the fine-tunes only, TokenLabelCrossEntropy(dense_weight=0.5, cls_weight=1.0), MixToken on."""

@@ -12,6 +12,7 @@ import pytest
 
 from configs import digits
 from conftest import xla_flags
+from volo_jax import errors
 from volo_jax.train import checkpoint, loop
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,9 +36,9 @@ def tiny_config(data_dir: str, total_steps: int):
 
 
 def _final_params(workdir: str, config):
-  setup = loop.Setup(config)
+  run = loop.describe_run(config)
   ckpt = checkpoint.Checkpointer(workdir, config)
-  state = ckpt.restore(ckpt.latest_step(), setup.sharded_abstract_state())
+  state = ckpt.restore(ckpt.latest_step(), run.abstract_state)
   ckpt.close()
   return state
 
@@ -97,5 +98,5 @@ def test_train_py_fine_tunes_from_a_training_workdir_at_another_size(straight_ru
 
 def test_fine_tune_config_requires_init_from():
   from configs import imagenet  # pylint: disable=import-outside-toplevel
-  with pytest.raises(ValueError, match="init_from"):
-    loop.Setup(imagenet.get_config("volo_d1_384"))
+  with pytest.raises(errors.ConfigError, match="volo_d1_384 fine-tunes a pretrained model: set --config.init_from"):
+    loop.describe_run(imagenet.get_config("volo_d1_384"))

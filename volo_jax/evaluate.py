@@ -7,9 +7,14 @@ workdir. Runs on all processes of a multi-host job like train.py.
 """
 
 import json
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from volo_jax import flag_errors
+
+PROG = "python -m volo_jax.evaluate"
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "experiment config (model, image size, dataset, crop_pct)")
@@ -22,23 +27,29 @@ def evaluate_weights(config, weights: str) -> dict:
   """{'top1', 'top5', 'count'} of `weights` on config's eval split."""
   import jax  # pylint: disable=import-outside-toplevel
   from volo_jax.train import checkpoint, loop  # pylint: disable=import-outside-toplevel
-  setup = loop.Setup(config, for_training=False)
-  model = loop.build_model(config, setup.info.num_classes)
+  run = loop.describe_run(config, for_training=False)
+  model = loop.build_model(config, run.dataset.num_classes)
   checkpoint.load_pretrained(model, weights)
-  with jax.set_mesh(setup.mesh):
-    return setup.evaluate(setup.weights_state(model), setup.jit_eval_step(use_ema=False))
+  with jax.set_mesh(run.mesh):
+    return loop.evaluate(run, loop.weights_state(run, model), loop.jit_eval_step(run, use_ema=False))
 
 
 def main(argv):
   del argv
-  from volo_jax import host_memory  # pylint: disable=import-outside-toplevel
-  host_memory.tune_for_cpu_backend()  # before JAX starts its CPU client, as train.py
+  if FLAGS.config.cpu.tune_host:  # before JAX starts its CPU client, as train.py
+    from volo_jax.cpu import host_memory  # pylint: disable=import-outside-toplevel
+    host_memory.tune_for_cpu_backend()
   if FLAGS.distributed:
     import jax  # pylint: disable=import-outside-toplevel
     jax.distributed.initialize()
-  metrics = evaluate_weights(FLAGS.config, FLAGS.weights)
+  from volo_jax import errors  # pylint: disable=import-outside-toplevel
+  try:
+    metrics = evaluate_weights(FLAGS.config, FLAGS.weights)
+  except errors.BAD_INPUT as e:
+    print(f"{PROG}: error: {e}", file=sys.stderr)
+    sys.exit(2)
   print(json.dumps({"weights": FLAGS.weights, **metrics}))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=flag_errors.parser(PROG))

@@ -19,7 +19,8 @@ import sys
 
 import numpy as np
 
-from volo_jax.data import label_store
+from volo_jax.data import token_label_store
+from volo_jax.errors import ConfigError
 
 IMAGE_SUFFIX = ".JPEG"  # TFDS imagenet2012's file_name: n01440764_10026.JPEG
 
@@ -89,7 +90,7 @@ def prepare(label_dir: str, out: str, num_shards: int, num_classes: int = 1000, 
       if map_shape is None:
         continue
       empty = np.zeros((0, *map_shape))
-      shards.append(label_store.write_shard(out, index, num_shards, names,
+      shards.append(token_label_store.write_shard(out, index, num_shards, names,
                                             np.stack(scores) if scores else empty,
                                             np.stack(classes) if classes else empty))
   finally:
@@ -97,7 +98,8 @@ def prepare(label_dir: str, out: str, num_shards: int, num_classes: int = 1000, 
       pool.close()
   if map_shape is None:
     raise ValueError(f"every one of the {len(paths)} files under {label_dir!r} is corrupt")
-  label_store.write_meta(out, map_size=map_shape[1], topk=map_shape[0], num_classes=num_classes, shards=shards)
+  token_label_store.write_meta(out, map_size=map_shape[1], topk=map_shape[0], num_classes=num_classes,
+                               shards=shards)
   return {"maps": sum(s["count"] for s in shards), "map_shape": list(map_shape), "shards": len(shards),
           "corrupt": corrupt}
 
@@ -113,7 +115,7 @@ def verify(labels: str, dataset: str = "imagenet2012", data_dir: str | None = No
            file_names: list[str] | None = None, chunk: int = 4096) -> dict:
   """{'missing': training images without a map, 'extra': maps of no training image, 'corrupt': {name: why},
   'duplicates': names listed twice}; file_names replaces the TFDS read (tests)."""
-  store = label_store.LabelStore(labels)
+  store = token_label_store.LabelStore(labels)
   num_classes = store.meta["num_classes"]
   corrupt, listed = {}, []
   for names, scores, classes in zip(store.names, store.scores, store.classes):
@@ -149,6 +151,14 @@ def main(argv=None) -> int:
   v.add_argument("--data-dir", default=None, help="TFDS data_dir")
   v.add_argument("--split", default="train")
   args = parser.parse_args(argv)
+  try:
+    return _run(args)
+  except ConfigError as e:
+    print(f"{parser.prog}: error: {e}", file=sys.stderr)
+    return 2
+
+
+def _run(args) -> int:
   if args.command == "prepare":
     summary = prepare(args.label_dir, args.out, args.num_shards, args.num_classes, args.workers)
     print(json.dumps(summary, indent=1))

@@ -12,7 +12,7 @@ import sys
 
 from volo_jax.convert.flax_io import read_model_json, restore_weights, save_model_checkpoint
 from volo_jax.convert.mapping import export_torch_weights, load_torch_weights
-from volo_jax.convert.torch_io import CheckpointError
+from volo_jax.errors import CheckpointError
 from volo_jax.models import create_model, parse_model_name
 
 

@@ -11,7 +11,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from volo_jax.convert import mapping
-from volo_jax.convert.torch_io import CheckpointError
+from volo_jax.errors import CheckpointError
 from volo_jax.models import VOLO, create_model
 
 MODEL_JSON = "model.json"

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from volo_jax.convert.torch_io import CheckpointError, read_state_dict, write_state_dict
+from volo_jax.convert.torch_io import read_state_dict, write_state_dict
+from volo_jax.errors import CheckpointError
 from volo_jax.models.stack import STACK_KEY, BlockStack
 
 _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",

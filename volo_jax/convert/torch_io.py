@@ -11,11 +11,9 @@ import zipfile
 
 import numpy as np
 
+from volo_jax.errors import CheckpointError
+
 SAFETENSORS_SUFFIX = ".safetensors"
-
-
-class CheckpointError(ValueError):
-  """A checkpoint that cannot be read or does not fit the model (the message is one line for the user)."""
 
 
 def _torch():

@@ -9,9 +9,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from volo_jax.data import augment, label_store, randaugment, transforms
+from volo_jax.data import augment, randaugment, token_label_store, transforms
 from volo_jax.data.digits import VoloDigits  # noqa: F401  (registers `volo_digits` with TFDS)
-from volo_jax.train.errors import ConfigError
+from volo_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +25,7 @@ def builder(config):
   """The TFDS builder for config.data.dataset; the bundled digits are prepared on first use (no download)."""
   name = config.data.dataset
   try:
-    b = tfds.builder(name, data_dir=config.data.get("data_dir") or None)
+    b = tfds.builder(name, data_dir=config.data.data_dir or None)
   except tfds.core.registered.DatasetNotFoundError as e:
     raise ConfigError(f"unknown TFDS dataset {name!r}") from e
   if name == "volo_digits" and not b.is_prepared():
@@ -81,16 +81,9 @@ def decode_train(example, seed, config, labels=None):
   return out
 
 
-def token_label_store(config) -> label_store.LabelStore | None:
-  """The prepared token-label maps when config.token_label.enabled; a clear error when they are missing."""
-  tl = config.get("token_label")
-  if not tl or not tl.enabled:
-    return None
-  if not tl.dir:
-    raise ValueError("token labeling is on (config.token_label.enabled) but config.token_label.dir is empty: "
-                     "prepare the label maps (README, Token labeling) and pass --config.token_label.dir=DIR, "
-                     "or train without them: --config.token_label.enabled=False")
-  return label_store.LabelStore(tl.dir)
+def open_token_labels(config) -> token_label_store.LabelStore | None:
+  """The prepared token-label maps when token labeling is on (validate.check_token_labels has checked them)."""
+  return token_label_store.LabelStore(config.token_label.dir) if config.token_label.enabled else None
 
 
 def _decode_eval(example, config):
@@ -113,7 +106,7 @@ def _deterministic(ds):
 
 def data_shards(config, process_count: int) -> int:
   """How many independently shuffled streams the train split is cut into: data.shards, or one per process."""
-  return config.data.get("shards", 0) or process_count
+  return config.data.shards or process_count
 
 
 class TrainBatches:
@@ -157,7 +150,7 @@ def train_dataset(config, *, local_batch: int, start_step: int, process_index: i
   mine = range(process_index * per_process, (process_index + 1) * per_process)
   logging.info("process %d reads shard(s) %s of %d of %r from example %d of each", process_index, list(mine),
                shards, config.data.train_split, start)
-  labels = token_label_store(config)
+  labels = open_token_labels(config)
   datasets = []
   for shard in mine:
     split = tfds.split_for_jax_process(config.data.train_split, process_index=shard, process_count=shards)

@@ -11,9 +11,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from volo_jax.convert import flax_io, mapping
-from volo_jax.convert.torch_io import CheckpointError
 from volo_jax.models import create_model
-from volo_jax.train.errors import CheckpointWriteError, ConfigError
+from volo_jax.errors import CheckpointError, CheckpointWriteError, ConfigError
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_JSON = "config.json"

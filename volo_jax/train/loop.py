@@ -1,133 +1,163 @@
-"""train_and_evaluate: mesh → data → sharded state (restored, pretrained or fresh) → jitted, donated train step
-→ periodic eval, logs, TensorBoard, checkpoints. The same code runs on one CPU, a GPU host or a TPU pod."""
+"""train_and_evaluate: config → the run's description (mesh, dataset sizes, model graph, shardings) → state
+(restored, pretrained or fresh) → jitted, donated train step → periodic eval, logs, TensorBoard, checkpoints.
+The same code runs on one CPU, a GPU host or a TPU pod; XLA:CPU's tuning is chosen here, never in the model."""
 
+import dataclasses
 import json
 import os
 import sys
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import tensorflow as tf
 from absl import logging
 from flax import nnx
 
-from volo_jax import xla_cpu
+from volo_jax.cpu import kernels, xla
 from volo_jax.data import pipeline
+from volo_jax.errors import ConfigError, DivergedError
 from volo_jax.models import create_model
 from volo_jax.train import checkpoint, optim, sharding, step as step_lib, validate
-from volo_jax.train.errors import ConfigError, DivergedError
 from volo_jax.train.preemption import PreemptionWatch
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+# ------------------------------------------------------------------------------------------- the run
+
+
+def on_cpu_backend() -> bool:
+  """Whether the steps run on XLA:CPU, where config.cpu's tuning applies."""
+  return jax.default_backend() == "cpu"
+
+
 def build_model(config, num_classes: int):
-  m = config.model
-  tl = config.get("token_label")
-  return create_model(m.name, img_size=m.img_size, num_classes=num_classes,
-                      seed=config.seed, drop_path_rate=m.drop_path_rate,
-                      mix_token=bool(tl) and tl.enabled and tl.mix_token,
-                      drop_rate=m.get("drop_rate", 0.0), attn_drop_rate=m.get("attn_drop_rate", 0.0),
-                      scan_blocks=m.get("scan_blocks", False), remat=m.get("remat", "none"),
-                      dtype=_DTYPES[m.get("dtype", "float32")])
+  """config's model with fresh parameters; on XLA:CPU with the CPU-tuned products unless cpu.kernels is off."""
+  m, tl = config.model, config.token_label
+  model = create_model(m.name, img_size=m.img_size, num_classes=num_classes, seed=config.seed,
+                       drop_path_rate=m.drop_path_rate, drop_rate=m.drop_rate, pos_drop_rate=m.pos_drop_rate,
+                       attn_drop_rate=m.attn_drop_rate, mix_token=tl.enabled and tl.mix_token,
+                       scan_blocks=m.scan_blocks, remat=m.remat, dtype=_DTYPES[m.dtype])
+  if config.cpu.kernels and on_cpu_backend():
+    kernels.use_cpu_kernels(model, xla.dot_library(config.cpu.dots))
+  return model
 
 
-def _check_token_labels(config) -> None:
-  """Fail before any compilation when token labeling is on but cannot run."""
-  tl = config.get("token_label")
-  if not tl or not tl.enabled:
-    return
-  if tl.size * 16 != config.model.img_size:
-    raise ValueError(f"token_label.size {tl.size} must be img_size/16 = {config.model.img_size / 16} (one "
-                     "target per token of the model's 16-pixel grid)")
-  pipeline.token_label_store(config)  # raises when the prepared label maps are missing
+def jit(config, fun, **jit_kwargs):
+  """jax.jit for the run's steps; on XLA:CPU with config.cpu.dots' compile options."""
+  return xla.jit(fun, dots=config.cpu.dots, **jit_kwargs)
 
 
-class Setup:
-  """Everything derived from the config before the first step: mesh, sizes, model graph, step functions."""
-
-  def __init__(self, config, *, for_training: bool = True):
-    validate.check_config(config, for_training=for_training)
-    self.config = config
-    if for_training:
-      _check_token_labels(config)
-    self.mesh = sharding.make_mesh(config)
-    self.info = pipeline.dataset_info(config)
-    self.local_batch = config.batch_size // jax.process_count()
-    self.steps_per_epoch = self.info.num_train // config.batch_size
-    if self.steps_per_epoch == 0:
-      raise ConfigError(f"batch_size {config.batch_size} exceeds the {self.info.num_train} training examples")
-    self.total_steps = config.get("total_steps") or optim.total_steps(config, self.steps_per_epoch)
-    self.tx = optim.make_optimizer(config, self.steps_per_epoch)
-    abstract_model = nnx.eval_shape(lambda: build_model(config, self.info.num_classes))
-    self.graphdef, _, _, self.rng_template = nnx.split(abstract_model, nnx.Param, nnx.BatchStat, ...)
-    self.abstract_state = jax.eval_shape(self.init_state)
-    self.state_sharding = sharding.state_shardings(self.abstract_state, self.mesh)
-    self.batch_sharding = sharding.batch_sharding(self.mesh)
-
-  def init_state(self, model=None):
-    if model is None:
-      model = build_model(self.config, self.info.num_classes)
-    _, params, batch_stats, _ = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
-    return step_lib.initial_state(params, batch_stats, self.tx, ema=self.config.get("ema_decay", 0.0) > 0)
-
-  def sharded_abstract_state(self):
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.abstract_state,
-                        self.state_sharding)
-
-  def evaluate(self, state, eval_step) -> dict:
-    """top-1/top-5 over the whole eval split, every example counted once across processes."""
-    batches, _ = pipeline.eval_dataset(self.config, local_batch=self.local_batch,
-                                       process_index=jax.process_index(), process_count=jax.process_count())
-    totals = {"top1": 0.0, "top5": 0.0, "count": 0.0}
-    for batch in batches:
-      counts = eval_step(state, sharding.global_batch(batch, self.mesh))
-      totals = {k: totals[k] + float(counts[k]) for k in totals}
-    if int(totals["count"]) < self.info.num_eval:
-      logging.warning("eval: %d of %d images did not decode and were left out",
-                      self.info.num_eval - int(totals["count"]), self.info.num_eval)
-    return {"top1": totals["top1"] / max(totals["count"], 1), "top5": totals["top5"] / max(totals["count"], 1),
-            "count": int(totals["count"])}
-
-  def jit(self, fun, **jit_kwargs):
-    """jax.jit for the run's steps, with the library that runs XLA:CPU's products (config.xla_cpu_dots)."""
-    return xla_cpu.jit(fun, dots=self.config.get("xla_cpu_dots", "auto"), **jit_kwargs)
-
-  def jit_eval_step(self, use_ema: bool):
-    """The state keeps the shardings it has (a train state, or just params and batch stats)."""
-    return self.jit(step_lib.make_eval_step(self.graphdef, self.rng_template, use_ema),
-                    in_shardings=(None, self.batch_sharding))
-
-  def weights_state(self, model):
-    """{params, batch_stats} of `model`, placed with the train state's shardings (for evaluation)."""
-    _, params, batch_stats, _ = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
-    weights = {"params": params, "batch_stats": batch_stats}
-    return jax.device_put(weights, {k: self.state_sharding[k] for k in weights})
+def _initial_state(config, tx, num_classes: int, model=None) -> dict:
+  if model is None:
+    model = build_model(config, num_classes)
+  _, params, batch_stats, _ = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+  return step_lib.initial_state(params, batch_stats, tx, ema=config.ema_decay > 0)
 
 
-def _pretrained_model(setup: Setup, workdir: str):
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """What a run is, derived from its config before any data is read or any step compiled."""
+  config: Any  # ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  dataset: pipeline.DatasetInfo
+  local_batch: int  # this process's share of config.batch_size
+  steps_per_epoch: int
+  total_steps: int
+  tx: optax.GradientTransformation
+  graphdef: Any  # the model's nnx.GraphDef
+  rng_template: Any  # the model's RNG streams, reseeded every step (step.fresh_rng_state)
+  state_sharding: Any  # per leaf of the train state
+  abstract_state: Any  # the train state as ShapeDtypeStructs carrying state_sharding (restore target)
+  batch_sharding: jax.sharding.NamedSharding
+
+
+def describe_run(config, *, for_training: bool = True) -> Run:
+  """Validates config (ConfigError) and derives the run from it; reads only the dataset's metadata."""
+  validate.check_config(config, for_training=for_training)
+  mesh = sharding.make_mesh(config)
+  dataset = pipeline.dataset_info(config)
+  steps_per_epoch = dataset.num_train // config.batch_size
+  if steps_per_epoch == 0:
+    raise ConfigError(f"batch_size {config.batch_size} exceeds the {dataset.num_train} training examples")
+  tx = optim.make_optimizer(config, steps_per_epoch)
+  abstract_model = nnx.eval_shape(lambda: build_model(config, dataset.num_classes))
+  graphdef, _, _, rng_template = nnx.split(abstract_model, nnx.Param, nnx.BatchStat, ...)
+  abstract_state = jax.eval_shape(lambda: _initial_state(config, tx, dataset.num_classes))
+  state_sharding = sharding.state_shardings(abstract_state, mesh)
+  return Run(config=config, mesh=mesh, dataset=dataset, local_batch=config.batch_size // jax.process_count(),
+             steps_per_epoch=steps_per_epoch,
+             total_steps=config.total_steps or optim.total_steps(config, steps_per_epoch), tx=tx,
+             graphdef=graphdef, rng_template=rng_template, state_sharding=state_sharding,
+             abstract_state=jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                         abstract_state, state_sharding),
+             batch_sharding=sharding.batch_sharding(mesh))
+
+
+def init_state(run: Run, model=None) -> dict:
+  """The train state at step 0 of `model`'s weights (default: a fresh model), on the host."""
+  return _initial_state(run.config, run.tx, run.dataset.num_classes, model)
+
+
+def weights_state(run: Run, model) -> dict:
+  """{params, batch_stats} of `model`, placed with the train state's shardings (for evaluation)."""
+  _, params, batch_stats, _ = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+  weights = {"params": params, "batch_stats": batch_stats}
+  return jax.device_put(weights, {k: run.state_sharding[k] for k in weights})
+
+
+def jit_eval_step(run: Run, use_ema: bool):
+  """The eval step; the state keeps the shardings it has (a train state, or just params and batch stats)."""
+  return jit(run.config, step_lib.make_eval_step(run.graphdef, run.rng_template, use_ema),
+             in_shardings=(None, run.batch_sharding))
+
+
+def evaluate(run: Run, state, eval_step) -> dict:
+  """top-1/top-5 over the whole eval split, every example counted once across processes."""
+  batches, _ = pipeline.eval_dataset(run.config, local_batch=run.local_batch, process_index=jax.process_index(),
+                                     process_count=jax.process_count())
+  totals = {"top1": 0.0, "top5": 0.0, "count": 0.0}
+  for batch in batches:
+    counts = eval_step(state, sharding.global_batch(batch, run.mesh))
+    totals = {k: totals[k] + float(counts[k]) for k in totals}
+  if int(totals["count"]) < run.dataset.num_eval:
+    logging.warning("eval: %d of %d images did not decode and were left out",
+                    run.dataset.num_eval - int(totals["count"]), run.dataset.num_eval)
+  count = max(totals["count"], 1)
+  return {"top1": totals["top1"] / count, "top5": totals["top5"] / count, "count": int(totals["count"])}
+
+
+# ------------------------------------------------------------------------------------------- the start
+
+
+def _pretrained_model(run: Run, workdir: str):
   """init_from's weights as a host model when the run starts from them (the workdir holds no checkpoint yet).
   Loaded before the workdir is touched, so that a missing, truncated or incompatible init_from changes nothing."""
-  config = setup.config
-  if not config.get("init_from") or checkpoint.has_checkpoint(workdir):
+  config = run.config
+  if not config.init_from or checkpoint.has_checkpoint(workdir):
     return None
-  model = build_model(config, setup.info.num_classes)
+  model = build_model(config, run.dataset.num_classes)
   report = checkpoint.load_pretrained(model, config.init_from)
   logging.info("initialised from %s: %s", config.init_from, report)
   return model
 
 
-def _initial_state(setup: Setup, ckpt: checkpoint.Checkpointer, pretrained):
+def _start_state(run: Run, ckpt: checkpoint.Checkpointer, pretrained):
   """Resume order: latest checkpoint in the workdir, else the init_from model, else a fresh init."""
   latest = ckpt.latest_step()
   if latest is not None:
     logging.info("resuming from step %d", latest)
-    return ckpt.restore(latest, setup.sharded_abstract_state())
+    return ckpt.restore(latest, run.abstract_state)
   if pretrained is not None:
-    return jax.device_put(setup.init_state(pretrained), setup.state_sharding)
-  return jax.jit(setup.init_state, out_shardings=setup.state_sharding)()
+    return jax.device_put(init_state(run, pretrained), run.state_sharding)
+  return jax.jit(lambda: init_state(run), out_shardings=run.state_sharding)()
+
+
+# ------------------------------------------------------------------------------------------- the workdir
 
 
 def _model_identity(model_config: dict) -> dict:
@@ -142,13 +172,16 @@ def _write_config(config, workdir: str, num_classes: int) -> None:
   if os.path.exists(path):
     with open(path) as f:
       previous = json.load(f)["model"]
-    if _model_identity(previous) != _model_identity(resolved["model"]) and not config.get("force_resume"):
+    if _model_identity(previous) != _model_identity(resolved["model"]) and not config.force_resume:
       raise ConfigError(f"{workdir} holds a run of model {previous}, not {resolved['model']}; use a new workdir "
                        "(or --config.force_resume=True)")
   if jax.process_index() == 0:  # written whole then renamed: the other processes may be reading it right now
     with open(path + ".tmp", "w") as f:
       json.dump(resolved, f, indent=2)
     os.replace(path + ".tmp", path)
+
+
+# ------------------------------------------------------------------------------------------- the loop
 
 
 class _Progress:
@@ -190,7 +223,7 @@ def _check_finite(pending: list, config, ckpt, progress) -> dict:
   for (step, _), metrics in zip(pending, host):
     if np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"]):
       continue
-    if config.get("nonfinite", "stop") == "stop":
+    if config.nonfinite == "stop":
       ckpt.wait()
       raise DivergedError(f"loss {metrics['loss']} / gradient norm {metrics['grad_norm']} at step {step}: stopped, "
                           f"the last good checkpoint is step {ckpt.latest_step()} (--config.nonfinite=skip skips "
@@ -205,50 +238,51 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """Trains config's experiment in workdir (resuming if it holds checkpoints); returns the last eval metrics.
 
   Stops early, with a checkpoint at the current step, when SIGTERM arrives (see preemption.py)."""
-  setup = Setup(config)  # validates the config before the workdir is touched
-  pretrained = _pretrained_model(setup, workdir)
+  run = describe_run(config)  # validates the config before the workdir is touched
+  pretrained = _pretrained_model(run, workdir)
   checkpoint.check_workdir(workdir)
-  _write_config(config, workdir, setup.info.num_classes)
+  _write_config(config, workdir, run.dataset.num_classes)
   ckpt = checkpoint.Checkpointer(workdir, config)
-  with jax.set_mesh(setup.mesh):  # scoped: the caller's mesh (or none) is back when training returns
-    return _train_loop(config, workdir, setup, ckpt, pretrained)
+  with jax.set_mesh(run.mesh):  # scoped: the caller's mesh (or none) is back when training returns
+    return _train_loop(run, workdir, ckpt, pretrained)
 
 
-def _train_loop(config, workdir: str, setup: Setup, ckpt: checkpoint.Checkpointer, pretrained) -> dict:
+def _train_loop(run: Run, workdir: str, ckpt: checkpoint.Checkpointer, pretrained) -> dict:
   """train_and_evaluate's steps, saves and evaluations, under the run's mesh."""
-  state = _initial_state(setup, ckpt, pretrained)
+  config = run.config
+  state = _start_state(run, ckpt, pretrained)
   start = int(state["step"])
-  train_step = setup.jit(
-      step_lib.make_train_step(setup.graphdef, setup.rng_template, setup.tx, config, setup.info.num_classes),
-      in_shardings=(setup.state_sharding, setup.batch_sharding), out_shardings=(setup.state_sharding, None),
-      donate_argnums=0)
-  eval_step = setup.jit_eval_step(use_ema=config.get("ema_decay", 0.0) > 0)
-  lr_fn = optim.lr_schedule(config, setup.steps_per_epoch)
-  batches = pipeline.train_dataset(config, local_batch=setup.local_batch, start_step=start,
+  train_step = jit(config, step_lib.make_train_step(run.graphdef, run.rng_template, run.tx, config,
+                                                    run.dataset.num_classes),
+                   in_shardings=(run.state_sharding, run.batch_sharding), out_shardings=(run.state_sharding, None),
+                   donate_argnums=0)
+  eval_step = jit_eval_step(run, use_ema=config.ema_decay > 0)
+  lr_fn = optim.lr_schedule(config, run.steps_per_epoch)
+  batches = pipeline.train_dataset(config, local_batch=run.local_batch, start_step=start,
                                    process_index=jax.process_index(), process_count=jax.process_count())
-  progress = _Progress(workdir, setup.total_steps, start)
+  progress = _Progress(workdir, run.total_steps, start)
   preemption = PreemptionWatch(ckpt)
-  eval_every = config.eval_every_epochs * setup.steps_per_epoch  # 0: no evaluation
-  logging.info("%d steps (%d per epoch), global batch %d on %d devices, %d processes", setup.total_steps,
-               setup.steps_per_epoch, config.batch_size, jax.device_count(), jax.process_count())
+  eval_every = config.eval_every_epochs * run.steps_per_epoch  # 0: no evaluation
+  logging.info("%d steps (%d per epoch), global batch %d on %d devices, %d processes", run.total_steps,
+               run.steps_per_epoch, config.batch_size, jax.device_count(), jax.process_count())
   eval_metrics, window_start, window_steps, t0, skipped = {}, time.time(), 0, time.time(), 0
   pending = []  # (step, device metrics) not yet checked for NaN/inf: checked before every log and save
   try:
-    for step in range(start, setup.total_steps):
-      state, metrics = train_step(state, sharding.global_batch(next(batches), setup.mesh))
+    for step in range(start, run.total_steps):
+      state, metrics = train_step(state, sharding.global_batch(next(batches), run.mesh))
       done = step + 1
       window_steps += 1
       pending.append((done, metrics))
       preempted = preemption.reached(done)
-      saving = preempted or done == setup.total_steps or ckpt.should_save(done)
+      saving = preempted or done == run.total_steps or ckpt.should_save(done)
       if saving or done % config.log_every_steps == 0:
         metrics, pending = _check_finite(pending, config, ckpt, progress), []
         elapsed = time.time() - window_start
         images_per_sec = window_steps * config.batch_size / elapsed
-        eta = (setup.total_steps - done) * elapsed / window_steps
+        eta = (run.total_steps - done) * elapsed / window_steps
         lr = float(lr_fn(step))
         logging.info("step %d/%d epoch %.2f loss %.4f acc %.3f lr %.3g %.1f img/s ETA %.0fs", done,
-                     setup.total_steps, done / setup.steps_per_epoch, metrics["loss"], metrics["accuracy"], lr,
+                     run.total_steps, done / run.steps_per_epoch, metrics["loss"], metrics["accuracy"], lr,
                      images_per_sec, eta)
         progress.scalars(done, {"train/loss": metrics["loss"], "train/lr": lr,
                                 "train/accuracy": metrics["accuracy"], "perf/images_per_sec": images_per_sec})
@@ -265,8 +299,8 @@ def _train_loop(config, workdir: str, setup: Setup, ckpt: checkpoint.Checkpointe
         ckpt.wait()
         logging.warning("preempted at step %d: checkpoint saved, exiting", done)
         break
-      if eval_every and (done % eval_every == 0 or done == setup.total_steps):
-        eval_metrics = setup.evaluate(state, eval_step)
+      if eval_every and (done % eval_every == 0 or done == run.total_steps):
+        eval_metrics = evaluate(run, state, eval_step)
         logging.info("eval at step %d: top-1 %.4f top-5 %.4f (%d images)", done, eval_metrics["top1"],
                      eval_metrics["top5"], eval_metrics["count"])
         progress.scalars(done, {"eval/top1": eval_metrics["top1"], "eval/top5": eval_metrics["top5"]})

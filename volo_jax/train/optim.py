@@ -30,7 +30,7 @@ def lr_schedule(config, steps_per_epoch: int) -> optax.Schedule:
   (warmup and cycle counted in steps), evaluated in float32.
   """
   s, lr = config.schedule, config.optimizer.lr
-  per_step = s.get("per_step", False)
+  per_step = s.per_step
   scale = steps_per_epoch if per_step else 1
   kwargs = dict(base_lr=lr, warmup_lr=s.warmup_lr, warmup=s.warmup_epochs * scale, cycle=s.epochs * scale,
                 min_lr=s.min_lr)
@@ -55,8 +55,8 @@ def weight_decay_mask(params):
 
 
 def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
-  """optax AdamW (decoupled decay, β 0.9/0.999, eps 1e-8) on the schedule, optional global-norm clipping."""
+  """optax AdamW (decoupled decay, config.optimizer's betas and eps) on the schedule, optional global-norm clipping."""
   o = config.optimizer
-  adamw = optax.adamw(lr_schedule(config, steps_per_epoch), b1=o.get("b1", 0.9), b2=o.get("b2", 0.999),
-                      eps=o.get("eps", 1e-8), weight_decay=o.weight_decay, mask=weight_decay_mask)
-  return optax.chain(optax.clip_by_global_norm(o.clip_grad), adamw) if o.get("clip_grad") else adamw
+  adamw = optax.adamw(lr_schedule(config, steps_per_epoch), b1=o.b1, b2=o.b2, eps=o.eps,
+                      weight_decay=o.weight_decay, mask=weight_decay_mask)
+  return optax.chain(optax.clip_by_global_norm(o.clip_grad), adamw) if o.clip_grad > 0 else adamw

@@ -1,22 +1,44 @@
-"""Checks of a training config that need nothing but the config and the device count, so that a wrong model
-name, image size, batch size, mesh or init_from path fails in a second with one line, before the workdir is
-touched, anything is compiled or any data is read."""
+"""Every check of a run's config that needs nothing but the config, the device count and small files it names, so
+that a wrong model, size, batch, mesh, hyper-parameter, init_from path or token-label directory fails in a second
+with one line (ConfigError), before the workdir is touched, anything is compiled or any data is read."""
 
+import math
 import os
 
 import jax
 
-from volo_jax import xla_cpu
-from volo_jax.data import pipeline
+from volo_jax.cpu import xla
+from volo_jax.data import pipeline, token_label_store
+from volo_jax.errors import ConfigError
+from volo_jax.models.stack import REMAT_POLICIES
 from volo_jax.models.volo import STRIDE, parse_model_name
-from volo_jax.train.errors import ConfigError
 
 NONFINITE_MODES = ("stop", "skip")
 DTYPES = ("float32", "bfloat16")
 
 
 def check_config(config, *, for_training: bool = True) -> None:
-  m = config.model
+  check_model(config.model)
+  check_batch(config)
+  if not for_training:
+    return
+  check_hyperparameters(config)
+  if config.finetune and not config.init_from:
+    raise ConfigError(f"{config.experiment or 'this experiment'} fine-tunes a pretrained model: "
+                      "set --config.init_from=<workdir, converted dir or .pth.tar>")
+  if config.init_from and "://" not in config.init_from and not os.path.exists(config.init_from):
+    raise ConfigError(f"init_from {config.init_from}: no such file or directory")
+  _choice("nonfinite", config.nonfinite, NONFINITE_MODES)
+  _choice("cpu.dots", config.cpu.dots, xla.CHOICES)
+  if config.eval_every_epochs < 0 or config.log_every_steps <= 0 or config.checkpoint_every_steps <= 0:
+    raise ConfigError("eval_every_epochs must be ≥ 0 (0: no evaluation), log_every_steps and "
+                      "checkpoint_every_steps > 0")
+  if config.keep_checkpoints <= 0:
+    raise ConfigError(f"keep_checkpoints {config.keep_checkpoints} must be > 0")
+  check_token_labels(config)
+
+
+def check_model(m) -> None:
   try:
     parse_model_name(m.name)
   except ValueError as e:
@@ -24,36 +46,66 @@ def check_config(config, *, for_training: bool = True) -> None:
   if m.img_size <= 0 or m.img_size % STRIDE:
     raise ConfigError(f"model.img_size {m.img_size} is not a multiple of VOLO's stride {STRIDE} "
                       "(the stem's 8 × the downsample's 2)")
-  if m.get("dtype", "float32") not in DTYPES:
-    raise ConfigError(f"model.dtype {m.dtype!r}: choose one of {', '.join(DTYPES)}")
-  check_batch(config)
-  if not for_training:
-    return
-  if config.get("finetune") and not config.get("init_from"):
-    raise ConfigError(f"{config.get('experiment', 'this experiment')} fine-tunes a pretrained model: "
-                      "set --config.init_from=<workdir, converted dir or .pth.tar>")
-  init_from = config.get("init_from")
-  if init_from and "://" not in init_from and not os.path.exists(init_from):
-    raise ConfigError(f"init_from {init_from}: no such file or directory")
-  if config.get("nonfinite", "stop") not in NONFINITE_MODES:
-    raise ConfigError(f"nonfinite {config.nonfinite!r}: choose one of {', '.join(NONFINITE_MODES)}")
-  if config.get("xla_cpu_dots", "auto") not in xla_cpu.CHOICES:
-    raise ConfigError(f"xla_cpu_dots {config.xla_cpu_dots!r}: choose one of {', '.join(xla_cpu.CHOICES)}")
-  if config.eval_every_epochs < 0 or config.log_every_steps <= 0 or config.checkpoint_every_steps <= 0:
-    raise ConfigError("eval_every_epochs must be ≥ 0 (0: no evaluation), log_every_steps and "
-                      "checkpoint_every_steps > 0")
+  _choice("model.dtype", m.dtype, DTYPES)
+  _choice("model.remat", m.remat, tuple(REMAT_POLICIES))
+  for name in ("drop_path_rate", "drop_rate", "pos_drop_rate", "attn_drop_rate"):
+    rate = m[name]
+    if not 0 <= rate < 1:  # also refuses NaN
+      raise ConfigError(f"model.{name} {rate} must be in [0, 1)")
+
+
+def check_hyperparameters(config) -> None:
+  """Learning rates, decay, betas and schedule lengths: finite and in range, so that no step runs on a NaN lr."""
+  o, s = config.optimizer, config.schedule
+  for name, value in (("optimizer.lr", o.lr), ("optimizer.weight_decay", o.weight_decay),
+                      ("optimizer.clip_grad", o.clip_grad), ("schedule.warmup_lr", s.warmup_lr),
+                      ("schedule.min_lr", s.min_lr), ("label_smoothing", config.label_smoothing),
+                      ("ema_decay", config.ema_decay), ("optimizer.eps", o.eps)):
+    if not math.isfinite(value) or value < 0:
+      raise ConfigError(f"{name} {value} must be a finite number ≥ 0")
+  for name, value in (("optimizer.b1", o.b1), ("optimizer.b2", o.b2), ("label_smoothing", config.label_smoothing),
+                      ("ema_decay", config.ema_decay)):
+    if not 0 <= value < 1:
+      raise ConfigError(f"{name} {value} must be in [0, 1)")
+  if s.epochs <= 0 or s.warmup_epochs < 0 or s.cooldown_epochs < 0:
+    raise ConfigError(f"schedule.epochs {s.epochs} must be > 0, warmup_epochs {s.warmup_epochs} and "
+                      f"cooldown_epochs {s.cooldown_epochs} ≥ 0")
+  if config.total_steps < 0:
+    raise ConfigError(f"total_steps {config.total_steps} must be ≥ 0 (0: the schedule's length)")
 
 
 def check_batch(config) -> None:
   """The global batch splits evenly over devices, processes and data shards; the mesh covers the devices."""
   devices, processes, batch = jax.device_count(), jax.process_count(), config.batch_size
+  if batch <= 0:
+    raise ConfigError(f"batch_size {batch} must be positive")
   fsdp = config.mesh.fsdp
   data = config.mesh.data if config.mesh.data > 0 else devices // max(fsdp, 1)
   if fsdp <= 0 or data * fsdp != devices:
     raise ConfigError(f"mesh data={config.mesh.data} × fsdp={fsdp} does not cover the {devices} devices")
-  if batch <= 0 or batch % devices or batch % processes:
+  if batch % devices or batch % processes:
     raise ConfigError(f"batch_size {batch} is not divisible by the {devices} devices / {processes} processes")
   shards = pipeline.data_shards(config, processes)
   if shards % processes or (batch // processes) % (shards // processes):
     raise ConfigError(f"data.shards={shards} must be a multiple of the {processes} processes and divide the "
                       f"per-process batch {batch // processes} evenly")
+
+
+def check_token_labels(config) -> None:
+  """Token labeling on: a prepared label directory and a target size of one per model token."""
+  tl = config.token_label
+  if not tl.enabled:
+    return
+  if tl.size * STRIDE != config.model.img_size:
+    raise ConfigError(f"token_label.size {tl.size} must be model.img_size/{STRIDE} = "
+                      f"{config.model.img_size / STRIDE:g} (one target per token of the model's grid)")
+  if not tl.dir:
+    raise ConfigError("token labeling is on but token_label.dir is empty: prepare the label maps (README, Token "
+                      "labeling) and pass --config.token_label.dir=DIR, or train without them: "
+                      "--config.token_label.enabled=False")
+  token_label_store.read_meta(tl.dir)
+
+
+def _choice(name: str, value, choices: tuple) -> None:
+  if value not in choices:
+    raise ConfigError(f"{name} {value!r}: choose one of {', '.join(choices)}")

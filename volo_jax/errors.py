@@ -1,11 +1,13 @@
-"""The trainer's expected failures. Each message is one line for the user; train.py prints it and exits non-zero
-(bad input with 2, a run that fails while training with 1). Anything else is a bug and keeps its traceback."""
-
-from volo_jax.convert.torch_io import CheckpointError
+"""The expected failures of the command-line tools. Each message is one line for the user: bad input exits with 2,
+a run that fails while training with 1. Anything else is a bug and keeps its traceback."""
 
 
 class ConfigError(ValueError):
   """A config, flag, dataset or workdir that cannot work; raised before any compile or data read."""
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be read or does not fit the model."""
 
 
 class DivergedError(FloatingPointError):

@@ -14,6 +14,8 @@ import os
 
 import numpy as np
 
+from volo_jax.errors import ConfigError
+
 META = "meta.json"
 FORMAT = "volo_jax token labels v1"
 
@@ -41,18 +43,27 @@ def write_meta(directory: str, *, map_size: int, topk: int, num_classes: int, sh
     json.dump(meta, f, indent=1)
 
 
+def read_meta(directory: str) -> dict:
+  """The directory's meta.json; ConfigError when it is missing or of another format."""
+  path = os.path.join(directory, META)
+  if not os.path.isfile(path):
+    raise ConfigError(f"no prepared token labels in {directory!r} ({META} missing): run "
+                      "`python -m volo_jax.token_labels prepare` (README, Token labeling)")
+  try:
+    with open(path) as f:
+      meta = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"{path}: unreadable ({e})") from None
+  if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    raise ConfigError(f"{path} is not a {FORMAT!r} directory")
+  return meta
+
+
 class LabelStore:
   """file name → (scores (k, S, S) float16, classes (k, S, S) int16) over a prepared directory."""
 
   def __init__(self, directory: str):
-    path = os.path.join(directory, META)
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"no prepared token labels in {directory!r} ({META} missing): run "
-                              "`python -m volo_jax.token_labels prepare` (see README, Token labeling)")
-    with open(path) as f:
-      self.meta = json.load(f)
-    if self.meta.get("format") != FORMAT:
-      raise ValueError(f"{path} is not a {FORMAT!r} directory")
+    self.meta = read_meta(directory)
     self.map_size, self.topk = self.meta["map_size"], self.meta["topk"]
     self.scores, self.classes, self.names, self.rows = [], [], [], {}
     for shard, entry in enumerate(self.meta["shards"]):
