@@ -1,9 +1,9 @@
-"""Test-session set-up: 8 fake CPU devices, XLA's LLVM backend without optimisation (the suite's programs are
-small and compiling them is most of its time: test_step.py 97 → 68 s; HLO passes, hence the numerics' structure,
-are unchanged), and torchvision loaded before TensorFlow (the other order segfaults with this machine's wheels).
-glibc's malloc is left as it is: host_memory's setting made the small programs of test_step + test_pipeline 14%
-slower on a Xeon (123 vs 108 s) and 19% faster on a Zen 4 EPYC (42.5–43.2 vs 50.7–54.8 s), and it would keep each
-worker's resident memory at its peak for the rest of the suite."""
+"""Test set-up: 8 fake CPU devices, XLA's LLVM backend without optimisation (the suite's programs are small and
+compiling them is most of its time; HLO passes, hence the numerics' structure, are unchanged), and torchvision
+loaded before TensorFlow (the other order segfaults with some wheel combinations). glibc's malloc is left as it
+is: the trainer's host-memory setting helps the small test programs on some CPUs and slows them on others, and it
+would keep each worker's resident memory at its peak for the rest of the suite. Measurements: docs/performance.md,
+'Test compile settings'."""
 
 import os
 

@@ -59,7 +59,7 @@ def random_flip(image, seed, probability: float = 0.5):
 def random_erasing(image, seed, probability=0.25, min_area=0.02, max_area=1 / 3, min_aspect=0.3, attempts=10):
   """timm RandomErasing(mode='pixel', max_count=1) on a normalised (H, W, C) image: with `probability`, one
   rectangle (first of 10 draws that fits) is replaced by N(0, 1) noise per pixel and channel. The box is drawn
-  only for the images that are erased, as timm does: three in four images skip that part of the graph."""
+  only for the images that are erased, as timm does, so the others skip that part of the graph."""
   seeds = tf.random.experimental.stateless_split(seed, 6)
 
   def erase():

@@ -61,7 +61,8 @@ def invert(image):
 
 def posterize(image, bits):
   """Keeps the top `bits` bits: floor(x / 2^(8−bits))·2^(8−bits), exact on integer values (8 bits: unchanged).
-  A scalar shift, not a tf.where against the image: that broadcast took 1.6 ms per 224² image."""
+  A scalar shift, not a tf.where against the image, whose broadcast is slow (see docs/performance.md, 'Small
+  RandAugment graph')."""
   shift = tf.pow(2.0, 8.0 - tf.cast(tf.minimum(bits, 8), tf.float32))
   return tf.floor(image / shift) * shift
 
@@ -91,7 +92,8 @@ def sharpness(image, factor):
   """Blend with PIL's SMOOTH filter (3×3, centre 5, /13), whose border pixels are the input's."""
   shape = tf.shape(image)
   h, w = shape[0] - 2, shape[1] - 2
-  # The 3×3 box sum, separably from shifted slices: integer sums, exact in float32, faster than a depthwise conv.
+  # The 3×3 box sum, separably from shifted slices: integer sums, exact in float32, and faster than a depthwise
+  # convolution (docs/performance.md, 'Small RandAugment graph').
   rows = image[0:h] + image[1:h + 1] + image[2:h + 2]  # (h, W, 3)
   window_sum = rows[:, 0:w] + rows[:, 1:w + 1] + rows[:, 2:w + 2]  # (h, w, 3)
   interior = image[1:1 + h, 1:1 + w]
@@ -172,7 +174,7 @@ def apply_op(image, op_index, magnitude, negate, translate_pct: float = 0.45):
   """timm's op `OP_NAMES[op_index]` at `magnitude` (0–10); `negate` flips the sign where timm randomly negates.
 
   The five geometric ops share one affine warp of their coefficients: TF's control flow costs time for every op
-  in a branch not taken, so the branches are kept small.
+  in a branch not taken, so the branches are kept small (see docs/performance.md, 'Small RandAugment graph').
   """
   level = magnitude / MAX_LEVEL
   enhance = tf.maximum(0.1, 1.0 + _signed_level(magnitude, negate) * 0.9)
@@ -211,8 +213,8 @@ def rand_augment(image, seed, *, num_layers: int = 2, magnitude: float = 9.0, ma
   coins = tf.random.stateless_uniform((2, num_layers), seeds[2])
   draws = zip(tf.unstack(op_indices), tf.unstack(levels), tf.unstack(coins[0] < 0.5), tf.unstack(coins[1] < prob))
   for op_index, level, negate, use in draws:
-    image = tf.cond(use,  # a cond, not a select: skipped ops cost nothing
-                    lambda: apply_op(image, op_index, level, negate), lambda: image)
+    image = tf.cond(use,  # a cond, not a select: skipped ops cost nothing; it traces both lambdas right here
+                    lambda: apply_op(image, op_index, level, negate), lambda: image)  # noqa: B023
     if with_matrix:  # this op samples the previous image: input = earlier maps ∘ this op's map
       matrix = tf.where(use, matrix @ op_matrix(op_index, level, negate), matrix)
   return (image, matrix) if with_matrix else image

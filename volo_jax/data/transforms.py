@@ -12,8 +12,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def channelwise(fn, image: tf.Tensor, *vectors) -> tf.Tensor:
   """fn(image, *vectors) for per-channel vectors (C,), computed on the (H, W·C) view against the vectors tiled
-  along a row: TF broadcasts over a minor dimension of size 3 ~15× slower (224×224×3: 1.2 vs 0.08 ms). With a
-  static width and constant vectors the tiled rows are constants (fewer graph nodes to run per image)."""
+  along a row, because TF's broadcast over a minor dimension of size 3 is slow (see docs/performance.md, 'Tiled
+  channelwise'). With a static width and constant vectors the tiled rows are constants (fewer graph nodes to run
+  per image)."""
   height, width, channels = image.shape
   if width is not None and channels is not None and all(isinstance(v, (tuple, list)) for v in vectors):
     rows = tf.reshape(image, (-1, width * channels))  # (H, W·C)
@@ -27,7 +28,7 @@ def channelwise(fn, image: tf.Tensor, *vectors) -> tf.Tensor:
 
 def select(condition: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
   """tf.where for a condition and operands of one shape, through TF's v1 Select kernel: tf.where (SelectV2)
-  takes its broadcasting path even for equal shapes, ~13× slower on a 224×224×3 image."""
+  takes its slow broadcasting path even for equal shapes (see docs/performance.md, 'TF select')."""
   return tf.raw_ops.Select(condition=condition, x=x, y=y)
 
 
