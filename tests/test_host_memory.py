@@ -1,7 +1,7 @@
-"""host_memory: tuned for the CPU backend, a repeated XLA:CPU call reuses its scratch pages instead of faulting
-them in again (measured as minor page faults in a fresh process). Both settings are needed: with asynchronous
-dispatch the scratch comes from a worker thread's arena, which maps it anew on every call. XLA's worker threads
-keep malloc arenas of their own (counted with glibc's malloc_info): one shared arena made malloc 6% of the step."""
+"""volo_jax.cpu.host_memory: tuned for the CPU backend, a repeated XLA:CPU call reuses its scratch pages instead
+of faulting them in again (measured as minor page faults in a fresh process). Both settings are needed: with
+asynchronous dispatch the scratch comes from a worker thread's arena, which maps it anew on every call. XLA's worker
+threads keep malloc arenas of their own (counted with glibc's malloc_info): one shared arena contends in malloc."""
 
 import json
 import os
@@ -11,17 +11,16 @@ import sys
 
 import pytest
 
-from volo_jax import host_memory
+from volo_jax.cpu import host_memory
 
 # A train-step-like call (weights donated and updated) whose XLA scratch (≈ 0.3 GB of activations kept for the
 # backward pass) is far above glibc's mmap threshold; prints the scratch size and the minor page faults of
 # calls 2–8. With memory retained the pages are reused in most calls, not all: the small blocks XLA allocates
-# around the scratch can fragment the heap so that a call's scratch no longer fits the hole the last one left
-# (the volo_d1 train step: under 1,000 faults in 35 of 36 steps). Also prints the number of malloc arenas
-# (glibc's malloc_info writes one <heap> element per arena).
+# around the scratch can fragment the heap so that a call's scratch no longer fits the hole the last one left.
+# Also prints the number of malloc arenas (glibc's malloc_info writes one <heap> element per arena).
 _PROBE = """
 import ctypes, json, re, resource, sys, tempfile
-from volo_jax import host_memory
+from volo_jax.cpu import host_memory
 retained = host_memory.tune_for_cpu_backend() if sys.argv[1] == "retain" else False
 import jax, jax.numpy as jnp
 def loss(ws, x):

@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 from flax import nnx
 
-from volo_jax import xla_cpu
+from volo_jax import cpu
 from volo_jax.convert.flax_io import is_model_checkpoint, restore_weights
 from volo_jax.convert.mapping import load_torch_weights
 from volo_jax.convert.torch_io import CheckpointError
@@ -70,8 +70,11 @@ def main(argv=None) -> int:
     print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
     return 2
   model.eval()
+  on_cpu = jax.default_backend() == "cpu"
+  if on_cpu:  # XLA:CPU's tuned kernels and compile options; plain autodiff and jax.jit elsewhere
+    cpu.use_cpu_kernels(model, cpu.dot_library("auto"))
   graphdef, state = nnx.split(model)
-  forward = xla_cpu.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+  forward = (cpu.jit if on_cpu else jax.jit)(lambda state, x: nnx.merge(graphdef, state)(x))
   probs = np.asarray(jax.nn.softmax(forward(state, batch), axis=-1))
   names = imagenet_class_names()
   for path, p in zip(args.images, probs):

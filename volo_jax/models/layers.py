@@ -1,11 +1,14 @@
 """VOLO's building blocks other than outlook attention: MLP, self-attention, class attention, the blocks that
-wrap them, the convolutional stem and the stage-1 → stage-2 downsample. Inputs are channels-last."""
+wrap them, the convolutional stem and the stage-1 → stage-2 downsample. Inputs are channels-last.
+
+Plain JAX autodiff on every backend. The products a backend may want to replace are static attributes (each
+nnx.Linear's `dot_general`, `Attention.attention_core`); `volo_jax.cpu.kernels.use_cpu_kernels` swaps them.
+"""
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from volo_jax.models import plain_backward
 from volo_jax.models.dropout import DropPath, dropout
 from volo_jax.models.initializers import conv_kernel_init, linear_bias_init, linear_kernel_init
 from volo_jax.models.outlook import OutlookAttention
@@ -16,7 +19,7 @@ BATCH_NORM_MOMENTUM = 0.9  # PyTorch momentum 0.1
 
 def dense(in_features: int, out_features: int, *, use_bias: bool = True, dtype, rngs: nnx.Rngs) -> nnx.Linear:
   return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype, kernel_init=linear_kernel_init,
-                    bias_init=linear_bias_init, dot_general=plain_backward.dot_general, rngs=rngs)
+                    bias_init=linear_bias_init, dot_general=jax.lax.dot_general, rngs=rngs)
 
 
 def layer_norm(dim: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -25,13 +28,22 @@ def layer_norm(dim: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
 
 
 def gelu(x: jax.Array) -> jax.Array:
-  """Exact GELU as PyTorch computes it, x·(1 + erf(x/√2))/2. `jax.nn.gelu(approximate=False)` uses erfc, whose
-  XLA:CPU expansion (and its derivative's) costs 2.5× as much in the MLP's forward + backward."""
+  """Exact GELU as PyTorch computes it, x·(1 + erf(x/√2))/2: `jax.nn.gelu(approximate=False)` uses erfc, whose
+  XLA:CPU expansion (and its derivative's) is much dearer."""
   return 0.5 * x * (1 + jax.lax.erf(x * (2 ** -0.5)))
 
 
 def _softmax_f32(logits: jax.Array, dtype) -> jax.Array:
   return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dtype)
+
+
+def attention_core(q: jax.Array, k: jax.Array, v: jax.Array, dropout=None) -> jax.Array:
+  """softmax(q·kᵀ)·v over (B, heads, N, head_dim) inputs, q already scaled, the softmax in float32; `dropout`
+  (a callable or None) applies to the attention weights between softmax and product."""
+  attn = _softmax_f32(jnp.einsum("bhqd,bhkd->bhqk", q, k), v.dtype)
+  if dropout is not None:
+    attn = dropout(attn)
+  return jnp.einsum("bhqk,bhkd->bhqd", attn, v)
 
 
 class Mlp(nnx.Module):
@@ -48,7 +60,10 @@ class Mlp(nnx.Module):
 
 
 class Attention(nnx.Module):
-  """Multi-head self-attention over all tokens of a (B, H, W, C) map."""
+  """Multi-head self-attention over all tokens of a (B, H, W, C) map.
+
+  attention_core: static hook with `attention_core`'s signature and result (the plain one by default).
+  """
 
   def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool = False, attn_drop: float = 0.0,
                dtype, rngs: nnx.Rngs):
@@ -57,18 +72,18 @@ class Attention(nnx.Module):
     self.qkv = dense(dim, 3 * dim, use_bias=qkv_bias, dtype=dtype, rngs=rngs)
     self.proj = dense(dim, dim, dtype=dtype, rngs=rngs)
     self.attn_drop = dropout(attn_drop, rngs)
+    self.attention_core = attention_core
 
   def __call__(self, x):
     b, h, w, c = x.shape
     qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, c // self.num_heads)  # PyTorch's (3, heads, hd)
-    # Heads-first operands make both products plain batched matmuls; einsums over the (B, N, heads, hd)
-    # layout ran 5.6× slower on XLA:CPU (87 vs 15.6 ms at d1's stage-2 shape, batch 8).
+    # Heads-first operands make both products plain batched matmuls (XLA:CPU is slow on the other layout).
     q, k, v = jnp.transpose(qkv, (2, 0, 3, 1, 4))  # 3 × (B, heads, N, head_dim)
-    # Scaling q rather than the N×N scores (as timm does) is the same product to float rounding and saves
-    # a pass over the scores forward and backward: fwd+bwd 72.9 → 56.6 ms at d1's stage-2 shape, batch 8.
+    # Scaling q rather than the N×N scores (as timm does) is the same product to float rounding and saves a pass
+    # over the scores forward and backward.
     dropping = self.attn_drop.rate > 0 and not self.attn_drop.deterministic
     # out: (B, heads, N, head_dim)
-    out = plain_backward.attention(q * self.scale, k, v, dropout=self.attn_drop if dropping else None)
+    out = self.attention_core(q * self.scale, k, v, self.attn_drop if dropping else None)
     return self.proj(jnp.transpose(out, (0, 2, 1, 3)).reshape(b, h, w, c))
 
 
@@ -148,8 +163,7 @@ class ClassBlock(nnx.Module):
 class PatchEmbed(nnx.Module):
   """Stem: 7×7/2 conv → three (conv, BN, ReLU) → 4×4/4 conv to the stage-1 width. Net stride 8.
 
-  Native convolutions: on XLA:CPU they are fast only in XLA's own kernels, which `xla_cpu.compiler_options`
-  selects (YNNPACK's took 3× the time).
+  Native convolutions; on XLA:CPU `volo_jax.cpu.xla` keeps them in XLA's own kernels, where they are fast.
   """
 
   def __init__(self, in_chans: int, hidden_dim: int, embed_dim: int, *, patch_size: int = 8, dtype,

@@ -3,6 +3,7 @@ neighbourhood from the token itself (no query-key product), aggregates the unfol
 
 Unfold and fold are written as strided slices and plain pads (no gather, scatter or convolution), each the
 other's transpose, tied together by a custom VJP so XLA sees the same cheap ops in the backward pass.
+`OutlookAttention`'s `unfold`, `fold` and `window_matmul` are static hooks that `volo_jax.cpu.kernels` replaces.
 """
 
 import math
@@ -14,9 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from volo_jax.models.initializers import linear_bias_init, linear_kernel_init
 from volo_jax.models.dropout import dropout
-from volo_jax.models.plain_backward import batched_matmul, dot_general
+from volo_jax.models.initializers import linear_bias_init, linear_kernel_init
 
 
 class WindowGeometry(NamedTuple):
@@ -35,7 +35,7 @@ class WindowGeometry(NamedTuple):
     return (self.height + 2 * p - k) // s + 1, (self.width + 2 * p - k) // s + 1
 
 
-def _unfold(x: jax.Array, g: WindowGeometry) -> jax.Array:
+def unfold_windows(x: jax.Array, g: WindowGeometry) -> jax.Array:
   """(B, H, W, C) → (B, h, w, heads, k·k, C/heads): the zero-padded k×k windows at stride s.
 
   The window axis is ordered (ki, kj) row-major and channels split heads-first, which is nn.Unfold's
@@ -53,7 +53,7 @@ def _unfold(x: jax.Array, g: WindowGeometry) -> jax.Array:
   return jnp.stack(windows, axis=4)  # (B, h, w, heads, k·k, head_dim)
 
 
-def _fold(y: jax.Array, g: WindowGeometry) -> jax.Array:
+def fold_windows(y: jax.Array, g: WindowGeometry) -> jax.Array:
   """(B, h, w, heads, k·k, C/heads) → (B, H, W, C): col2im, the sum of overlapping windows.
 
   Padded-frame row r receives window row ki from grid row (r − ki)/s, so rows split by r mod s: each such
@@ -86,20 +86,22 @@ def _fold(y: jax.Array, g: WindowGeometry) -> jax.Array:
 @partial(jax.custom_vjp, nondiff_argnums=(1,))
 def unfold(x: jax.Array, g: WindowGeometry) -> jax.Array:
   """Differentiable unfold whose gradient is `fold`, its exact transpose."""
-  return _unfold(x, g)
+  return unfold_windows(x, g)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1,))
 def fold(y: jax.Array, g: WindowGeometry) -> jax.Array:
   """Differentiable fold whose gradient is `unfold`, its exact transpose."""
-  return _fold(y, g)
+  return fold_windows(y, g)
 
 
-# The barriers keep XLA:CPU from fusing the transposed op into the neighbouring weight-gradient dot.
-unfold.defvjp(lambda x, g: (_unfold(x, g), None),
-              lambda g, _, ct: (jax.lax.optimization_barrier(_fold(ct, g)),))
-fold.defvjp(lambda y, g: (_fold(y, g), None),
-            lambda g, _, ct: (jax.lax.optimization_barrier(_unfold(ct, g)),))
+unfold.defvjp(lambda x, g: (unfold_windows(x, g), None), lambda g, _, ct: (fold_windows(ct, g),))
+fold.defvjp(lambda y, g: (fold_windows(y, g), None), lambda g, _, ct: (unfold_windows(ct, g),))
+
+
+def window_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+  """a @ b over the last two axes (equal leading axes): each window's (k·k × k·k) weights times its values."""
+  return jnp.einsum("...ij,...jd->...id", a, b)
 
 
 def avg_pool_ceil(x: jax.Array, stride: int) -> jax.Array:
@@ -115,20 +117,24 @@ def avg_pool_ceil(x: jax.Array, stride: int) -> jax.Array:
 
 
 class OutlookAttention(nnx.Module):
-  """Outlook attention over k×k windows on a stride-s grid (VOLO stage 1)."""
+  """Outlook attention over k×k windows on a stride-s grid (VOLO stage 1).
+
+  unfold, fold, window_matmul: static hooks with the signatures and results of this module's functions.
+  """
 
   def __init__(self, dim: int, num_heads: int, *, kernel_size: int = 3, padding: int = 1, stride: int = 2,
                qkv_bias: bool = False, attn_drop: float = 0.0, proj_drop: float = 0.0,
                dtype=jnp.float32, rngs: nnx.Rngs):
     self.num_heads, self.kernel_size, self.padding, self.stride = num_heads, kernel_size, padding, stride
     self.scale = (dim // num_heads) ** -0.5
-    dense = dict(dtype=dtype, kernel_init=linear_kernel_init, bias_init=linear_bias_init, dot_general=dot_general,
-                 rngs=rngs)
+    dense = dict(dtype=dtype, kernel_init=linear_kernel_init, bias_init=linear_bias_init,
+                 dot_general=jax.lax.dot_general, rngs=rngs)
     self.v = nnx.Linear(dim, dim, use_bias=qkv_bias, **dense)
     self.attn = nnx.Linear(dim, kernel_size**4 * num_heads, **dense)
     self.proj = nnx.Linear(dim, dim, **dense)
     self.attn_drop = dropout(attn_drop, rngs)
     self.proj_drop = dropout(proj_drop, rngs)
+    self.unfold, self.fold, self.window_matmul = unfold, fold, window_matmul
 
   def __call__(self, x: jax.Array) -> jax.Array:
     b, height, width, _ = x.shape
@@ -137,9 +143,9 @@ class OutlookAttention(nnx.Module):
     h, w = g.grid
     if (h, w) != (math.ceil(height / self.stride), math.ceil(width / self.stride)):
       raise ValueError(f"kernel {k}, padding {self.padding}, stride {self.stride} do not tile {height}×{width}")
-    v = unfold(self.v(x), g)  # (B, h, w, heads, k·k, head_dim)
+    v = self.unfold(self.v(x), g)  # (B, h, w, heads, k·k, head_dim)
     logits = self.attn(avg_pool_ceil(x, self.stride)).reshape(b, h, w, heads, k * k, k * k)
     attn = jax.nn.softmax(logits.astype(jnp.float32) * self.scale, axis=-1).astype(v.dtype)
     attn = self.attn_drop(attn)
-    out = batched_matmul(attn, v)  # per-window (k·k × k·k) @ (k·k × head_dim): (B, h, w, heads, k·k, head_dim)
-    return self.proj_drop(self.proj(fold(out, g)))
+    out = self.window_matmul(attn, v)  # per window (k·k × k·k) @ (k·k × head_dim): (B, h, w, heads, k·k, hd)
+    return self.proj_drop(self.proj(self.fold(out, g)))

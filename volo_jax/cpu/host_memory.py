@@ -1,13 +1,10 @@
 """Keep freed host memory in the process when XLA runs on the CPU, and keep malloc off the step's critical path.
 
-XLA:CPU allocates a call's whole scratch space with malloc on every call (2.8 GB for the volo_d1 train step at
-batch 8). By default glibc serves a block that large with mmap and unmaps it on free, so every step faults its
-scratch in again page by page: 0.73 M minor faults and 2.3 s of kernel time in a 5.8 s step on 2 cores. Served
-from the main heap, which is never trimmed, each step reuses the pages of the one before. Only the main thread's
-arena grows that heap (another thread's arena maps any block over 64 MB anew, whatever mallopt says), so
-single-device computations run on the calling thread: synchronous CPU dispatch. Every other thread keeps its
-own arena, as glibc's default: with all threads in the one main arena, malloc took 6% of the step's CPU time
-(YNNPACK's and oneDNN's per-call buffers) and the d1 train step ran at 0.83× timm's speed against 0.99×.
+XLA:CPU mallocs a call's whole scratch space on every call; glibc serves blocks that large with mmap and unmaps
+them on free, so every step would fault its scratch in again page by page. Served from the main heap, never
+trimmed, each step reuses the pages of the one before. Only the main thread's arena grows that heap, so
+single-device computations run on the calling thread (synchronous CPU dispatch); other threads keep their own
+arenas, as glibc's default, since one shared arena makes malloc contended.
 """
 
 import ctypes
