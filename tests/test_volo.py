@@ -40,7 +40,7 @@ def test_eval_logits_match_timm(name):
   assert error <= 1e-4
 
 
-def test_train_mode_dense_outputs_match_timm():
+def test_forward_train_matches_timm():
   """Training forward (BatchNorm on batch statistics, dropout/drop-path off): class and per-token logits."""
   reference = randomised_timm_volo("volo_d1").train()
   images = nhwc_batch(2, 224, seed=3)
@@ -49,7 +49,7 @@ def test_train_mode_dense_outputs_match_timm():
     cls_feat, ref_aux, _ = reference.forward_train(torch.from_numpy(images).permute(0, 3, 1, 2))
     ref_cls = reference.head(cls_feat).numpy()
   model.train()
-  cls, aux, box = nnx.jit(lambda m, x: m(x, return_dense=True))(model, jnp.asarray(images))
+  cls, aux, box = nnx.jit(lambda m, x: m.forward_train(x))(model, jnp.asarray(images))
   assert relative_error(cls, ref_cls) <= 1e-4
   assert relative_error(aux, ref_aux.numpy()) <= 1e-4
   np.testing.assert_array_equal(box, [0, 0, 0, 0])
@@ -65,7 +65,7 @@ def test_mix_token_matches_timm_given_the_same_box(monkeypatch):
   images = nhwc_batch(4, 224, seed=4)
   model = converted_volo(reference, "volo_d1", mix_token=True)
   model.train()
-  cls, aux, box = nnx.jit(lambda m, x: m(x, return_dense=True))(model, jnp.asarray(images))
+  cls, aux, box = nnx.jit(lambda m, x: m.forward_train(x))(model, jnp.asarray(images))
   box = tuple(int(b) for b in box)
   assert 0 <= box[0] <= box[2] <= 14 and 0 <= box[1] <= box[3] <= 14
   monkeypatch.setattr(timm_volo, "rand_bbox", lambda *args, **kwargs: box)
@@ -86,15 +86,19 @@ def test_mix_token_box_distribution():
   assert not np.all(boxes == boxes[0])
 
 
-def test_features_only_model_matches_timm_features():
+def test_features_match_timm_features():
+  """forward_features: the normalised token sequence, class token first; a model without classes returns the class
+  token's features."""
   reference = randomised_timm_volo("volo_d1", num_classes=0)
   images = nhwc_batch(2, 224, seed=5)
   with torch.no_grad():
-    expected = reference.forward_features(torch.from_numpy(images).permute(0, 3, 1, 2))[:, 0].numpy()
+    expected = reference.forward_features(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
   model = converted_volo(reference, "volo_d1")
   model.eval()
   assert not hasattr(model, "head")
-  assert relative_error(_forward(model, images), expected) <= 1e-4
+  features = nnx.jit(lambda m, x: m.forward_features(x))(model, jnp.asarray(images))
+  assert features.shape == (2, 1 + 14 * 14, 384) and relative_error(features, expected) <= 1e-4
+  assert relative_error(_forward(model, images), expected[:, 0]) <= 1e-4
 
 
 def test_drop_path_schedule_matches_timm():

@@ -57,19 +57,23 @@ def parse_model_name(name: str) -> tuple[str, int | None]:
 
 
 class VOLO(nnx.Module):
-  """The VOLO family on NHWC images; `model.eval()` / `model.train()` switch the forward as in PyTorch."""
+  """The VOLO family on NHWC images; `model.eval()` / `model.train()` switch the forward as in PyTorch.
+
+  `model(images)` gives logits; `forward_features` the normalised token sequence; `forward_train` the class and
+  per-token logits with the MixToken box that token labeling trains on (timm's names).
+  """
 
   def __init__(self, variant: VoloVariant, *, img_size: int | tuple[int, int] = 224, in_chans: int = 3,
                num_classes: int = 1000, qkv_bias: bool = False, drop_rate: float = 0.0,
                pos_drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-               mix_token: bool = False, return_dense: bool = False, scan_blocks: bool = False,
+               mix_token: bool = False, scan_blocks: bool = False,
                remat: str = "none", dtype=jnp.float32, rngs: nnx.Rngs):
     height, width = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     if height % STRIDE or width % STRIDE:
       raise ValueError(f"image size {height}×{width} is not a multiple of VOLO's stride {STRIDE}")
     layers, dims, heads, ratio = variant.layers, variant.embed_dims, variant.num_heads, variant.mlp_ratio
     check_remat(remat)
-    self.num_classes, self.mix_token, self.return_dense = num_classes, mix_token, return_dense
+    self.num_classes, self.mix_token = num_classes, mix_token
     self.scan_blocks, self.remat = scan_blocks, remat
     self.deterministic = False  # model.eval() sets True, model.train() False
     self.dtype = dtype
@@ -117,13 +121,24 @@ class VOLO(nnx.Module):
       self.aux_head = L.dense(dims[-1], num_classes, dtype=dtype, rngs=rngs)
     self.mix_rngs = rngs["mix_token"].fork() if mix_token else None
 
-  def forward_tokens(self, x: jax.Array) -> jax.Array:
-    """Stem output (B, H/8, W/8, C0) → normalised (B, 1 + H/16·W/16, C) sequence, class token first."""
-    x = self._stage(self.network[0], x)
+  def forward_features(self, images: jax.Array) -> jax.Array:
+    """images (B, H, W, in_chans) → normalised (B, 1 + H/16·W/16, C) token sequence, class token first."""
+    return self._class_tokens(self._stages(self.patch_embed(images)))
+
+  def _stages(self, x: jax.Array) -> jax.Array:
+    """Stem output (B, H/8, W/8, C0) → the last transformer stage's (B, H/16, W/16, C) map."""
+    x = self._stage(self.network[0], x)  # outlookers, (B, H/8, W/8, C0)
     x = self.network[1](x)  # (B, H/16, W/16, C)
     x = self.pos_drop(x + self.pos_embed[...])
     for stage in self.network[2:]:
       x = self._stage(stage, x)
+    return x
+
+  def _stage(self, blocks, x: jax.Array) -> jax.Array:
+    return blocks(x) if isinstance(blocks, BlockStack) else run_blocks(blocks, x, self.remat)
+
+  def _class_tokens(self, x: jax.Array) -> jax.Array:
+    """(B, h, w, C) map → class token prepended, class-attention blocks, final norm: (B, 1 + h·w, C)."""
     b, h, w, c = x.shape
     cls = jnp.broadcast_to(self.cls_token[...], (b, 1, c)).astype(x.dtype)
     x = jnp.concatenate([cls, x.reshape(b, h * w, c)], axis=1)
@@ -132,40 +147,46 @@ class VOLO(nnx.Module):
       x = call(block, x)
     return self.norm(x)
 
-  def _stage(self, blocks, x: jax.Array) -> jax.Array:
-    return blocks(x) if isinstance(blocks, BlockStack) else run_blocks(blocks, x, self.remat)
+  def __call__(self, images: jax.Array) -> jax.Array:
+    """images (B, H, W, in_chans) float32 → logits (B, classes), float32.
 
-  def __call__(self, images: jax.Array, *, return_dense: bool | None = None):
-    """images (B, H, W, in_chans) float32 → logits.
-
-    eval: head(cls) + 0.5·max over tokens of aux_head(tokens), as the official model returns.
-    train: head(cls); with return_dense, (head(cls), aux_head(tokens) (B, N, classes), MixToken box
-    (x1, y1, x2, y2) on the token grid, zeros when MixToken is off). num_classes=0 gives features instead.
+    eval: head(cls) + 0.5·max over tokens of aux_head(tokens), as the official model returns; train: head(cls).
+    With num_classes=0, the class token's features (B, C).
     """
-    x = self.patch_embed(images)
-    training = not self.deterministic
-    box = jnp.zeros((4,), jnp.int32)
-    if self.mix_token and training:
-      box = self._mix_token_box(x.shape[1] // POOLING_SCALE, x.shape[2] // POOLING_SCALE)
-      x = _paste_box(x, box * POOLING_SCALE)
-    x = self.forward_tokens(x)
+    x = self.forward_features(images)
     cls_feat, token_feat = x[:, 0], x[:, 1:]
     if self.num_classes == 0:
-      return (cls_feat, token_feat, box) if training and self._dense(return_dense) else cls_feat
+      return cls_feat
     cls = self.head(self.head_drop(cls_feat)).astype(jnp.float32)
-    if training and not self._dense(return_dense):
+    if not self.deterministic:
       return cls
     aux = self.aux_head(token_feat).astype(jnp.float32)
-    if not training:
-      return cls + 0.5 * aux.max(axis=1)
-    if self.mix_token:  # undo the paste on the per-token predictions
+    return cls + 0.5 * aux.max(axis=1)
+
+  def forward_train(self, images: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """images → (head(cls) (B, classes), aux_head(tokens) (B, N, classes), MixToken box), logits in float32.
+
+    In train mode a model built with mix_token pastes a box of the batch-reversed images' stem features in and
+    pastes the per-token logits back; the box is (row1, col1, row2, col2) on the token grid, zeros without
+    MixToken. With num_classes=0, the class and token features instead of logits.
+    """
+    x = self.patch_embed(images)
+    box = jnp.zeros((4,), jnp.int32)
+    mixing = self.mix_token and not self.deterministic
+    if mixing:
+      box = self._mix_token_box(x.shape[1] // POOLING_SCALE, x.shape[2] // POOLING_SCALE)
+      x = _paste_box(x, box * POOLING_SCALE)
+    x = self._class_tokens(self._stages(x))
+    cls_feat, token_feat = x[:, 0], x[:, 1:]
+    if self.num_classes == 0:
+      return cls_feat, token_feat, box
+    cls = self.head(self.head_drop(cls_feat)).astype(jnp.float32)
+    aux = self.aux_head(token_feat).astype(jnp.float32)
+    if mixing:  # undo the paste on the per-token predictions
       b, n, k = aux.shape
-      grid = (x.shape[0], images.shape[1] // STRIDE, images.shape[2] // STRIDE, k)
+      grid = (b, images.shape[1] // STRIDE, images.shape[2] // STRIDE, k)
       aux = _paste_box(aux.reshape(grid), box).reshape(b, n, k)
     return cls, aux, box
-
-  def _dense(self, return_dense: bool | None) -> bool:
-    return self.return_dense if return_dense is None else return_dense
 
   def _mix_token_box(self, rows: int, cols: int) -> jax.Array:
     """The official MixToken box: λ ~ Beta(1, 1), side·√(1−λ) cut, uniform centre, edges clipped."""

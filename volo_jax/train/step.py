@@ -54,18 +54,18 @@ def initial_state(params: nnx.State, batch_stats: nnx.State, tx: optax.GradientT
 def make_train_step(graphdef, rng_template, tx: optax.GradientTransformation, config, num_classes: int):
   """(state, batch) → (state, metrics); batch = {'image': (B, H, W, 3) float32, 'label': (B,) int32}, and with
   token labeling the label maps, crop boxes and flips that token_label.build_targets turns into targets."""
-  smoothing = config.get("label_smoothing", 0.0)
-  tl = config.get("token_label")
-  token_labels = bool(tl) and tl.enabled
-  ema_decay = config.get("ema_decay", 0.0)
+  smoothing = config.label_smoothing
+  tl = config.token_label
+  token_labels = tl.enabled
+  ema_decay = config.ema_decay
   base_key = jax.random.key(config.seed)
 
-  mix_config = config.get("mixup")
-  mixing = bool(mix_config) and (mix_config.mixup_alpha > 0 or mix_config.cutmix_alpha > 0)
+  mix_config = config.mixup
+  mixing = mix_config.mixup_alpha > 0 or mix_config.cutmix_alpha > 0
 
   def loss_fn(model, images, targets):
     if token_labels:
-      logits, aux, box = model(images, return_dense=True)
+      logits, aux, box = model.forward_train(images)
       return token_label.token_label_loss(logits, aux, box, targets, dense_weight=tl.dense_weight,
                                           cls_weight=tl.cls_weight, ground_truth=tl.ground_truth), logits
     logits = model(images)
