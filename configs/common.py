@@ -84,4 +84,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every_epochs = 10  # 0: no evaluation
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3  # the newest ones kept on disk
+  c.resume_step = 0  # > 0: resume from that checkpoint, not the latest (later ones are moved aside, not deleted)
+  c.on_corrupt_checkpoint = "stop"  # latest checkpoint fails its integrity check: "stop" (exit 1) | "fallback"
   return c

@@ -7,6 +7,7 @@ import glob
 import io
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -481,3 +482,128 @@ def test_two_processes_equal_one_and_the_checkpoint_moves_to_a_2_device_mesh(dat
   np.testing.assert_allclose([scalars["train/loss"][s] for s in (5, 6)], [expected["train/loss"][s] for s in (5, 6)],
                              rtol=1e-5)
   assert_states_close(restore(workdir, config, 6), restore(reference, config, 6), lr=config.optimizer.lr)
+
+
+# ------------------------------------------------------------------------------------ damaged checkpoints
+
+
+@pytest.fixture(scope="module")
+def saved_run(data_dir, cache_env, tmp_path_factory):
+  """A 4-step run with checkpoints at steps 1, 2 and 4, each with its integrity record."""
+  workdir = str(tmp_path_factory.mktemp("saved") / "run")
+  loop.train_and_evaluate(run_config(data_dir, 4), workdir)
+  assert checkpoint_steps(workdir) == [1, 2, 4]
+  return workdir
+
+
+def _state_file(step_dir: str, kind: str) -> str:
+  """The largest file of step_dir matching the glob `kind` (a data file's name is a hash)."""
+  return max(glob.glob(os.path.join(step_dir, "default", kind)), key=os.path.getsize)
+
+
+def _damage(path: str, how: str) -> None:
+  with open(path, "rb") as f:
+    data = bytearray(f.read())
+  if how == "truncated":
+    data = data[: len(data) // 2]
+  else:  # one bit in the middle
+    data[len(data) // 2] ^= 0x10
+  with open(path, "wb") as f:
+    f.write(bytes(data))
+
+
+# Every kind of file orbax writes for our state: array data (OCDBT data files, the per-process and top manifests),
+# the tree and sharding metadata, the per-array metadata and the commit marker.
+STATE_FILES = ("ocdbt.process_0/d/*", "d/*", "manifest.ocdbt", "ocdbt.process_0/manifest.ocdbt", "_METADATA",
+               "_sharding", "array_metadatas/process_0", "commit_success.txt")
+
+
+@pytest.mark.parametrize("how", ("truncated", "bit-flipped"))
+@pytest.mark.parametrize("kind", STATE_FILES)
+def test_damaged_latest_checkpoint_stops_naming_the_intact_one(kind, how, saved_run, data_dir, tmp_path):
+  """The default ('stop'): one line naming the step, the directory, the bad file and the intact step; nothing in
+  the workdir changes."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(saved_run, workdir)
+  path = _state_file(os.path.join(workdir, "checkpoints", "4"), kind)
+  _damage(path, how)
+  config = run_config(data_dir, 4)
+  run = loop.describe_run(config)
+  before = _tree(workdir)
+  ckpt = checkpoint.Checkpointer(workdir, config)
+  with pytest.raises(errors.CheckpointCorruptError) as raised:
+    ckpt.resume(run.abstract_state)
+  ckpt.close()
+  message = str(raised.value)
+  assert "\n" not in message
+  assert re.fullmatch(
+      rf"the checkpoint of step 4 in {re.escape(os.path.join(workdir, 'checkpoints'))} is damaged: "
+      rf"default/{re.escape(os.path.relpath(path, os.path.join(workdir, 'checkpoints', '4', 'default')))} "
+      rf"(is \d+ bytes, \d+ were written|does not match the SHA-256).*; the newest intact checkpoint is step 2: "
+      r"resume from it with --config.resume_step=2 \(or --config.on_corrupt_checkpoint=fallback\)", message), message
+  assert _tree(workdir) == before
+
+
+def test_fallback_and_resume_step_restore_the_intact_checkpoint_setting_the_later_aside(saved_run, data_dir,
+                                                                                       tmp_path):
+  config = run_config(data_dir, 4)
+  run = loop.describe_run(config)
+  expected = restore(saved_run, config, 2)
+  for name, options in (("fallback", {"on_corrupt": "fallback"}), ("chosen", {"resume_step": 2})):
+    workdir = str(tmp_path / name)
+    shutil.copytree(saved_run, workdir)
+    if name == "fallback":
+      _damage(_state_file(os.path.join(workdir, "checkpoints", "4"), "ocdbt.process_0/d/*"), "bit-flipped")
+    ckpt = checkpoint.Checkpointer(workdir, config)
+    state = ckpt.resume(run.abstract_state, **options)
+    ckpt.close()
+    assert_states_equal(jax.tree.map(np.asarray, jax.device_get(state)), expected)
+    assert checkpoint_steps(workdir) == [1, 2]
+    assert os.listdir(os.path.join(workdir, checkpoint.SET_ASIDE_DIR)) == ["4"]
+  with pytest.raises(errors.ConfigError, match=r"resume_step 3: .* holds the checkpoints of steps \[1, 2, 4\]"):
+    checkpoint.Checkpointer(saved_run, config).resume(run.abstract_state, resume_step=3)
+
+
+def test_checkpoint_without_integrity_record_restores_with_a_note(saved_run, data_dir, tmp_path, caplog):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(saved_run, workdir)
+  for step in (2, 4):
+    os.remove(os.path.join(workdir, "checkpoints", str(step), checkpoint.INTEGRITY_JSON))
+  config = run_config(data_dir, 4)
+  ckpt = checkpoint.Checkpointer(workdir, config)
+  with caplog.at_level("INFO"):
+    state = ckpt.resume(loop.describe_run(config).abstract_state)
+  ckpt.close()
+  assert_states_equal(jax.tree.map(np.asarray, jax.device_get(state)), restore(saved_run, config, 4))
+  notes = [r.getMessage() for r in caplog.records if "integrity record" in r.getMessage()]
+  assert notes == ["the checkpoint of step 4 has no integrity record (written by an earlier version): restored "
+                   "unverified"]
+
+
+def test_init_from_a_damaged_workdir_is_refused(saved_run, data_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(saved_run, workdir)
+  _damage(_state_file(os.path.join(workdir, "checkpoints", "4"), "ocdbt.process_0/d/*"), "truncated")
+  model = loop.build_model(run_config(data_dir, 4), 10)
+  with pytest.raises(errors.CheckpointError, match=r"the checkpoint of step 4 is damaged: default/ocdbt.process_0/d/"
+                     r"\w+ is \d+ bytes, \d+ were written .*; the newest intact one is step 2"):
+    checkpoint.load_pretrained(model, workdir)
+
+
+def test_train_py_stops_on_a_damaged_checkpoint_in_one_line_with_exit_code_1(saved_run, data_dir, cache_env,
+                                                                             tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(saved_run, workdir)
+  _damage(_state_file(os.path.join(workdir, "checkpoints", "4"), "ocdbt.process_0/d/*"), "truncated")
+  before = _tree(os.path.join(workdir, "checkpoints"))
+  result = subprocess.run(train_py(workdir, data_dir, 6), capture_output=True, text=True,
+                          env=subprocess_env(cache_env, 8), cwd=REPO_ROOT, timeout=300)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr
+  # Warnings, errors and lines naming an error, not libraries' INFO logs (C++ "I…" lines: TensorFlow's oneDNN
+  # notice mentions "round-off errors").
+  lines = [line for line in result.stderr.splitlines()
+           if re.match(r"[EWF]\d{4} ", line) or ("rror" in line and not re.match(r"I\d{4} ", line))]
+  assert len(lines) == 1 and re.search(r"the checkpoint of step 4 in .* is damaged: default/ocdbt.process_0/d/\w+ is "
+                                       r"\d+ bytes.*resume_step=2 ", lines[0]), lines
+  assert _tree(os.path.join(workdir, "checkpoints")) == before

@@ -18,5 +18,13 @@ class CheckpointWriteError(OSError):
   """A checkpoint could not be written (disk full, workdir gone or read-only); the earlier ones are intact."""
 
 
+class CheckpointCorruptError(RuntimeError):
+  """The checkpoint to resume from cannot be read or fails its integrity check; the message names an intact one."""
+
+
+class InputStalledError(RuntimeError):
+  """The training input read many examples and delivered none: every one failed to decode or to find its label."""
+
+
 BAD_INPUT = (ConfigError, CheckpointError)  # exit code 2
-RUN_FAILURE = (DivergedError, CheckpointWriteError)  # exit code 1
+RUN_FAILURE = (DivergedError, CheckpointWriteError, CheckpointCorruptError, InputStalledError)  # exit code 1

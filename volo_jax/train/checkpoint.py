@@ -2,20 +2,93 @@
 loading of pretrained weights for `init_from` / evaluation from any of the formats we read."""
 
 import contextlib
+import glob
+import hashlib
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from flax import nnx
 
 from volo_jax.convert import flax_io, mapping
 from volo_jax.models import create_model
-from volo_jax.errors import CheckpointError, CheckpointWriteError, ConfigError
+from volo_jax.errors import CheckpointCorruptError, CheckpointError, CheckpointWriteError, ConfigError
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_JSON = "config.json"
+INTEGRITY_JSON = "integrity.json"  # in each step's directory: size and SHA-256 of every file of the saved state
+SET_ASIDE_DIR = "checkpoints_set_aside"  # damaged or superseded steps are moved here, never deleted
+ON_CORRUPT_MODES = ("stop", "fallback")
+NO_RECORD = "no integrity record"
+
+
+def newest_intact(directory: str, steps, below: int) -> int | None:
+  """The newest of `steps` before `below` whose files verify (or that has no record to verify against)."""
+  return next((s for s in sorted(steps, reverse=True)
+               if s < below and verify_integrity(os.path.join(directory, str(s))) in (None, NO_RECORD)), None)
+
+
+# ------------------------------------------------------------------------------------------- integrity
+
+
+def _state_files(step_dir: str) -> list[str]:
+  """The files that hold the saved state: everything in the step's item directories. orbax rewrites its
+  top-level bookkeeping files (_CHECKPOINT_METADATA, commit_success.txt) after the save, and restoring does not
+  depend on them."""
+  files = []
+  for name in sorted(os.listdir(step_dir)):
+    item = os.path.join(step_dir, name)
+    if os.path.isdir(item):
+      for root, _, names in os.walk(item):
+        files.extend(os.path.relpath(os.path.join(root, n), step_dir) for n in names)
+  return sorted(files)
+
+
+def _sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    while chunk := f.read(1 << 22):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def write_integrity_record(step_dir: str) -> None:
+  """Records every state file's size and SHA-256, read back once the save's files are complete (still in the
+  page cache), so that a truncated or altered file is found before it is restored."""
+  files = {f: {"size": os.path.getsize(os.path.join(step_dir, f)), "sha256": _sha256(os.path.join(step_dir, f))}
+           for f in _state_files(step_dir)}
+  record = {"algorithm": "sha256", "files": files}
+  with open(os.path.join(step_dir, INTEGRITY_JSON + ".tmp"), "w") as f:
+    json.dump(record, f, indent=1)
+  os.replace(os.path.join(step_dir, INTEGRITY_JSON + ".tmp"), os.path.join(step_dir, INTEGRITY_JSON))
+
+
+def verify_integrity(step_dir: str) -> str | None:
+  """None when every recorded file is there with its size and digest, "no integrity record" for a checkpoint
+  written before records existed, else what is wrong with the first bad file."""
+  path = os.path.join(step_dir, INTEGRITY_JSON)
+  if not os.path.exists(path):
+    return NO_RECORD
+  try:
+    with open(path) as f:
+      files = json.load(f)["files"]
+  except (OSError, ValueError, KeyError) as e:
+    return f"its integrity record {path} is unreadable ({type(e).__name__}: {e})"
+  for name, expected in files.items():
+    full = os.path.join(step_dir, name)
+    if not os.path.isfile(full):
+      return f"{name} is missing"
+    size = os.path.getsize(full)
+    if size != expected["size"]:
+      return f"{name} is {size} bytes, {expected['size']} were written (truncated or overwritten)"
+    if _sha256(full) != expected["sha256"]:
+      return f"{name} does not match the SHA-256 recorded when it was written (altered on disk)"
+  return None
+
 
 
 def has_checkpoint(workdir: str) -> bool:
@@ -47,25 +120,105 @@ class Checkpointer:
   """
 
   def __init__(self, workdir: str, config):
+    # The integrity record is written into the step's temporary directory before orbax renames it, so a
+    # finished checkpoint always carries its record.
     options = ocp.CheckpointManagerOptions(save_interval_steps=config.checkpoint_every_steps,
                                            max_to_keep=config.keep_checkpoints, create=True,
-                                           enable_async_checkpointing=True)
-    self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+                                           enable_async_checkpointing=True,
+                                           async_options=ocp.AsyncOptions(post_finalization_callback=self._record))
+    self.workdir = os.path.abspath(workdir)
+    self.directory = os.path.join(self.workdir, CHECKPOINT_DIR)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     self._in_flight = None  # the step of the last save started
+    self._saving = None  # the step whose files the finalization callback records
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def _record(self) -> None:
+    """orbax's post-finalization callback (its save thread): the step's files are complete, not yet renamed."""
+    if jax.process_index() != 0 or self._saving is None:
+      return
+    candidates = glob.glob(os.path.join(self.directory, f"{self._saving}.orbax-checkpoint-tmp*"))
+    write_integrity_record(candidates[0] if candidates else os.path.join(self.directory, str(self._saving)))
+
   def restore(self, step: int, abstract_state):
-    """abstract_state: ShapeDtypeStructs carrying the target shardings (the mesh may differ from the writer's)."""
-    return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    """abstract_state: ShapeDtypeStructs carrying the target shardings (the mesh may differ from the writer's).
+    The step's files are verified against its integrity record first; CheckpointCorruptError when they differ
+    or do not read."""
+    problem = self.check(step)
+    if problem:
+      raise CheckpointCorruptError(self._damaged(step, problem))
+    try:
+      return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    except Exception as e:  # orbax/tensorstore raise many types for unreadable files
+      raise CheckpointCorruptError(self._damaged(step, f"cannot be read: {_first_line(e)}")) from None
+
+  def check(self, step: int) -> str | None:
+    """What is wrong with the step's files (None: intact, or written before integrity records: noted)."""
+    problem = verify_integrity(os.path.join(self.directory, str(step)))
+    if problem == NO_RECORD:
+      logging.info("the checkpoint of step %d has no integrity record (written by an earlier version): restored "
+                   "unverified", step)
+      return None
+    return problem
+
+  def _damaged(self, step: int, problem: str) -> str:
+    intact = newest_intact(self.directory, self.manager.all_steps(), below=step)
+    hint = (f"the newest intact checkpoint is step {intact}: resume from it with --config.resume_step={intact} "
+            "(or --config.on_corrupt_checkpoint=fallback)" if intact is not None else "no intact checkpoint is left")
+    return f"the checkpoint of step {step} in {self.directory} is damaged: {problem}; {hint}"
+
+  def resume(self, abstract_state, *, resume_step: int = 0, on_corrupt: str = "stop"):
+    """The state to resume from, or None when the workdir holds no checkpoint. resume_step > 0 picks that step
+    (the later ones are set aside); else the latest, or with on_corrupt='fallback' the newest intact one when
+    the latest fails to verify or read (the damaged ones are set aside, never deleted)."""
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    if resume_step:
+      if resume_step not in steps:
+        raise ConfigError(f"resume_step {resume_step}: {self.directory} holds the checkpoints of steps "
+                          f"{sorted(steps) or 'none'}")
+      state = self.restore(resume_step, abstract_state)
+      self._set_aside([s for s in steps if s > resume_step], "superseded: resumed from step %d" % resume_step)
+      return state
+    for step in steps:
+      try:
+        state = self.restore(step, abstract_state)
+      except CheckpointCorruptError as e:
+        if on_corrupt == "stop":
+          raise
+        logging.warning("%s: falling back", e)
+        continue
+      self._set_aside([s for s in steps if s > step], f"damaged: resumed from step {step}")
+      return state
+    if steps:
+      raise CheckpointCorruptError(f"none of the checkpoints {sorted(steps)} in {self.directory} is intact")
+    return None
+
+  def _set_aside(self, steps: list, why: str) -> None:
+    """Moves steps out of the checkpoint directory (to SET_ASIDE_DIR) so that the run can write those steps again."""
+    if not steps:
+      return
+    if jax.process_index() == 0:
+      os.makedirs(os.path.join(self.workdir, SET_ASIDE_DIR), exist_ok=True)
+      for step in steps:
+        target = os.path.join(self.workdir, SET_ASIDE_DIR, str(step))
+        while os.path.exists(target):
+          target += "_"
+        shutil.move(os.path.join(self.directory, str(step)), target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      multihost_utils.sync_global_devices("volo_jax checkpoints set aside")
+    self.manager.reload()
+    logging.warning("checkpoints of steps %s moved to %s (%s)", sorted(steps), os.path.join(self.workdir,
+                                                                                           SET_ASIDE_DIR), why)
 
   def should_save(self, step: int) -> bool:
     return self.manager.should_save(step)
 
   def save(self, step: int, state, *, force: bool = False) -> bool:
     self.wait()  # an earlier save's failure is reported with its own step
+    self._saving = step
     with self._write_errors(step):
       started = self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
     if started:
@@ -90,9 +243,12 @@ class Checkpointer:
       yield
     except (OSError, ValueError, RuntimeError) as e:  # orbax and tensorstore raise all three for I/O failures
       kept = [s for s in self.manager.all_steps() if s != step] if os.path.isdir(self.directory) else []
-      first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-      raise CheckpointWriteError(f"cannot write the checkpoint of step {step} in {self.directory}: {first_line}; "
-                                 f"the checkpoints of steps {kept or 'none'} are intact") from e
+      raise CheckpointWriteError(f"cannot write the checkpoint of step {step} in {self.directory}: "
+                                 f"{_first_line(e)}; the checkpoints of steps {kept or 'none'} are intact") from e
+
+
+def _first_line(e: Exception) -> str:
+  return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def load_pretrained(model, path: str) -> mapping.LoadReport:
@@ -115,10 +271,19 @@ def _model_from_workdir(workdir: str, model_config: dict):
   source = create_model(model_config["name"], img_size=model_config["img_size"],
                         num_classes=model_config["num_classes"],
                         scan_blocks=model_config.get("scan_blocks", False))
-  manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR))
+  directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+  manager = ocp.CheckpointManager(directory)
   step = manager.latest_step()
   if step is None:
     raise CheckpointError(f"{workdir}: training workdir without a checkpoint")
+  problem = verify_integrity(os.path.join(directory, str(step)))
+  if problem == NO_RECORD:
+    logging.info("%s: the checkpoint of step %d has no integrity record (written by an earlier version): read "
+                 "unverified", workdir, step)
+  elif problem:
+    intact = newest_intact(directory, manager.all_steps(), below=step)
+    hint = f"the newest intact one is step {intact}" if intact is not None else "no intact checkpoint is left"
+    raise CheckpointError(f"{workdir}: the checkpoint of step {step} is damaged: {problem}; {hint}")
   weights = {"params": nnx.state(source, nnx.Param), "batch_stats": nnx.state(source, nnx.BatchStat)}
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, weights)
   try:
@@ -127,6 +292,6 @@ def _model_from_workdir(workdir: str, model_config: dict):
         partial_restore=True))
   except Exception as e:  # orbax/tensorstore raise many types for truncated or mismatched checkpoints
     raise CheckpointError(f"{workdir}: cannot restore the checkpoint of step {step} into {model_config['name']}: "
-                          f"{str(e).strip().splitlines()[0]}") from e
+                          f"{_first_line(e)}") from None
   nnx.update(source, restored["params"], restored["batch_stats"])
   return source

@@ -147,11 +147,14 @@ def _pretrained_model(run: Run, workdir: str):
 
 
 def _start_state(run: Run, ckpt: checkpoint.Checkpointer, pretrained):
-  """Resume order: latest checkpoint in the workdir, else the init_from model, else a fresh init."""
-  latest = ckpt.latest_step()
-  if latest is not None:
-    logging.info("resuming from step %d", latest)
-    return ckpt.restore(latest, run.abstract_state)
+  """Resume order: the workdir's latest checkpoint (or config.resume_step's) once its files verify, else the
+  init_from model, else a fresh init. A damaged checkpoint stops the run or, with on_corrupt_checkpoint=fallback,
+  gives way to the newest intact one (checkpoint.Checkpointer.resume)."""
+  state = ckpt.resume(run.abstract_state, resume_step=run.config.resume_step,
+                      on_corrupt=run.config.on_corrupt_checkpoint)
+  if state is not None:
+    logging.info("resuming from step %d", int(state["step"]))
+    return state
   if pretrained is not None:
     return jax.device_put(init_state(run, pretrained), run.state_sharding)
   return jax.jit(lambda: init_state(run), out_shardings=run.state_sharding)()

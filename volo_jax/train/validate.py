@@ -35,6 +35,9 @@ def check_config(config, *, for_training: bool = True) -> None:
                       "checkpoint_every_steps > 0")
   if config.keep_checkpoints <= 0:
     raise ConfigError(f"keep_checkpoints {config.keep_checkpoints} must be > 0")
+  if config.resume_step < 0:
+    raise ConfigError(f"resume_step {config.resume_step} must be ≥ 0 (0: the latest checkpoint)")
+  _choice("on_corrupt_checkpoint", config.on_corrupt_checkpoint, ("stop", "fallback"))
   check_token_labels(config)
 
 
