@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from torch_reference import torch
-from volo_jax.train import token_label
+from volo_jax.train import token_label_targets
 
 tlt = pytest.importorskip("tlt")
 from tlt.loss import TokenLabelCrossEntropy  # noqa: E402  pylint: disable=wrong-import-position
@@ -60,8 +60,8 @@ def _tlt_targets(maps, crops, flips, labels, num_classes, token_size, smoothing,
 def _ours(maps, crops, flips, labels, num_classes, token_size, smoothing, transposed_box=True):
   batch = {"label_scores": jnp.asarray(maps[:, 0]), "label_classes": jnp.asarray(maps[:, 1].astype(np.int16)),
            "crop_box": jnp.asarray(crops), "flip": jnp.asarray(flips), "label": jnp.asarray(labels)}
-  return token_label.build_targets(batch, num_classes=num_classes, token_size=token_size, smoothing=smoothing,
-                                   transposed_box=transposed_box)
+  return token_label_targets.build_targets(batch, num_classes=num_classes, token_size=token_size,
+                                           smoothing=smoothing, transposed_box=transposed_box)
 
 
 @pytest.mark.parametrize("token_size,map_size", [(14, 18), (4, 18), (24, 18)])
@@ -129,8 +129,8 @@ def test_loss_equals_tlt_token_label_cross_entropy(ground_truth, box):
                      torch.from_numpy(target)).item()
   targets = {"gt": jnp.asarray(target[:, :, 0]), "cls": jnp.asarray(target[:, :, 1]),
              "tokens": jnp.asarray(target[:, :, 2:].transpose(0, 2, 1))}
-  ours = token_label.token_label_loss(jnp.asarray(cls_logits), jnp.asarray(aux_logits), jnp.asarray(box),
-                                      targets, dense_weight=0.5, cls_weight=1.0, ground_truth=ground_truth)
+  ours = token_label_targets.token_label_loss(jnp.asarray(cls_logits), jnp.asarray(aux_logits), jnp.asarray(box),
+                                              targets, dense_weight=0.5, cls_weight=1.0, ground_truth=ground_truth)
   assert float(ours) == pytest.approx(expected, rel=2e-6)
 
 
@@ -154,7 +154,7 @@ def test_warped_targets_follow_randaugment_geometry(ops):
   filled = (blocks[..., 2] != 128).any(axis=(1, 3))  # blocks that hold fill colour (blue 104)
   from_image = blocks.mean(axis=(1, 3))[..., :2] / 255  # (x, y) of each token's pixels before the ops
   tokens = 10 * np.eye(grid * grid, dtype=np.float32).reshape(1, grid, grid, grid * grid)  # class = p·16 + q
-  warped = np.asarray(token_label.warp_tokens(jnp.asarray(tokens), jnp.asarray(matrix.numpy())[None]))[0]
+  warped = np.asarray(token_label_targets.warp_tokens(jnp.asarray(tokens), jnp.asarray(matrix.numpy())[None]))[0]
   outside = (warped == 0).all(-1)
   cell = warped.argmax(-1)
   from_target = (np.stack([cell % grid, cell // grid], -1) + 0.5) / grid

@@ -17,7 +17,7 @@ import tensorflow_datasets as tfds
 from configs import imagenet
 from volo_jax import token_labels
 from volo_jax.data import pipeline
-from volo_jax.train import loop, token_label
+from volo_jax.train import loop, token_label_targets
 
 CLASSES = ["n01440764", "n01443537"]  # ImageNet indices 0 and 1
 MAP_SIZE, TOPK, PATTERN_OFFSET = 18, 5, 10
@@ -154,8 +154,8 @@ def test_pipeline_label_maps_are_cropped_and_flipped_like_the_image(data, prepar
   from_image = tokens[..., :2]  # (x, y)
 
   def from_targets(transposed_box):
-    targets = token_label.build_targets({k: jnp.asarray(v) for k, v in batch.items()}, num_classes=1000,
-                                        token_size=16, smoothing=0.1, transposed_box=transposed_box)
+    targets = token_label_targets.build_targets({k: jnp.asarray(v) for k, v in batch.items()}, num_classes=1000,
+                                                token_size=16, smoothing=0.1, transposed_box=transposed_box)
     cell = np.asarray(targets["tokens"]).argmax(-1).reshape(12, 16, 16) - PATTERN_OFFSET
     assert (0 <= cell).all() and (cell < MAP_SIZE ** 2).all()
     return np.stack([cell % MAP_SIZE, cell // MAP_SIZE], -1) / MAP_SIZE + 0.5 / MAP_SIZE  # (x, y)

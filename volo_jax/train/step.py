@@ -1,8 +1,9 @@
 """Pure step functions: the loss, one jitted-able train step (forward, backward, AdamW, EMA) and the eval step.
 
 The train state is a dict of pytrees: step, params (nnx.State of Params), batch_stats (BatchNorm running
-statistics), opt_state, skipped_batches (steps whose loss or gradient was not finite) and optionally ema_params. Random streams are not state: every step derives fresh keys
-from (seed, step), so a resumed run draws exactly what an uninterrupted one would.
+statistics), opt_state, skipped_batches (steps whose loss or gradient was not finite) and optionally ema_params.
+Random streams are not state: every step derives fresh keys from (seed, step), so a resumed run draws exactly what
+an uninterrupted one would.
 """
 
 import jax
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from volo_jax.train import mixup, token_label
+from volo_jax.train import mixup, token_label_targets
 
 
 def soft_targets(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
@@ -53,7 +54,7 @@ def initial_state(params: nnx.State, batch_stats: nnx.State, tx: optax.GradientT
 
 def make_train_step(graphdef, rng_template, tx: optax.GradientTransformation, config, num_classes: int):
   """(state, batch) → (state, metrics); batch = {'image': (B, H, W, 3) float32, 'label': (B,) int32}, and with
-  token labeling the label maps, crop boxes and flips that token_label.build_targets turns into targets."""
+  token labeling the label maps, crop boxes and flips that token_label_targets.build_targets turns into targets."""
   smoothing = config.label_smoothing
   tl = config.token_label
   token_labels = tl.enabled
@@ -66,8 +67,9 @@ def make_train_step(graphdef, rng_template, tx: optax.GradientTransformation, co
   def loss_fn(model, images, targets):
     if token_labels:
       logits, aux, box = model.forward_train(images)
-      return token_label.token_label_loss(logits, aux, box, targets, dense_weight=tl.dense_weight,
-                                          cls_weight=tl.cls_weight, ground_truth=tl.ground_truth), logits
+      loss = token_label_targets.token_label_loss(logits, aux, box, targets, dense_weight=tl.dense_weight,
+                                                  cls_weight=tl.cls_weight, ground_truth=tl.ground_truth)
+      return loss, logits
     logits = model(images)
     return cross_entropy(logits, targets), logits
 
@@ -76,8 +78,8 @@ def make_train_step(graphdef, rng_template, tx: optax.GradientTransformation, co
     rng_state = fresh_rng_state(rng_template, step_key)
     images = batch["image"]
     if token_labels:
-      targets = token_label.build_targets(batch, num_classes=num_classes, token_size=tl.size, smoothing=smoothing,
-                                          transposed_box=tl.transposed_box)
+      targets = token_label_targets.build_targets(batch, num_classes=num_classes, token_size=tl.size,
+                                                  smoothing=smoothing, transposed_box=tl.transposed_box)
     else:
       targets = soft_targets(batch["label"], num_classes, smoothing)
     if mixing:
