@@ -12,7 +12,8 @@ import pytest
 from flax import nnx
 
 from torch_reference import torch  # noqa: F401  (torch before TensorFlow)
-from volo_jax import bench, host_memory, xla_cpu
+from volo_jax import bench
+from volo_jax.cpu import host_memory, xla as xla_cpu
 from volo_jax.models import create_model
 
 _STATS = {"median", "min", "max"}
@@ -32,12 +33,14 @@ def _check_case(case: dict, input_images: int):
   if case["mode"] != "input":  # process CPU seconds per timed run, and the host cores they kept busy
     assert set(case["cpu_time_s"]) == _STATS and 0 < case["cpu_time_s"]["min"] <= case["cpu_time_s"]["max"]
     assert case["host_cores_busy"] == pytest.approx(case["cpu_time_s"]["median"] / step["median"])
-  if case["framework"] == "jax" and case["mode"] != "input":
+  if case["framework"] in ("jax", "jax_plain") and case["mode"] != "input":
     assert case["compile_time_s"] > 0 and case["flops_per_image"] > 0 and case["compiled_buffer_bytes"] > 0
     assert case["flops_source"] == "xla"
     assert case["flops_per_s"] == pytest.approx(case["flops_per_image"] * ips["median"])
     assert 0 < case["mfu"] < 2
     assert "peak_memory_bytes" in case
+    if "speedup_vs_torch_eager" in case:  # the ratio column of the table
+      assert case["speedup_vs_torch_eager"] > 0
 
 
 _AFTER_A_GLOBAL_MESH = """
@@ -51,14 +54,17 @@ runpy.run_module("volo_jax.bench", run_name="__main__", alter_sys=True)
 def test_bench_writes_every_case_to_json(tmp_path):
   """The user's command in its own process (the bench sets process-wide state: malloc, dispatch, PyTorch's
   threads; run inside a pytest worker after other modules it twice died of a SIGABRT there), started after the
-  calling program set a (data, fsdp) mesh globally, as a trainer does: the bench must build on its own mesh."""
+  calling program set a (data, fsdp) mesh globally, as a trainer does: the bench must build on its own mesh.
+  With --plain, the plain model in a plain jax.jit is timed too, with its ratio to timm."""
   out = tmp_path / "bench.json"
   command = [sys.executable, "-c", _AFTER_A_GLOBAL_MESH, "--model", "volo_d1", "--img-size", "32", "--batch", "8",
              "--mode", "infer,train,input", "--compare-torch", "--no-torch-compile", "--runs", "1", "--warmup", "0",
-             "--input-images", "4", "--outlook-breakdown", "--json", str(out)]
+             "--input-images", "4", "--outlook-breakdown", "--plain", "--json", str(out)]
   done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
   assert done.returncode == 0, done.stderr[-3000:]
   assert "img/s med" in done.stdout and "matmul peak" in done.stdout  # the table
+  rows = [line.split()[:2] for line in done.stdout.splitlines()]
+  assert ["infer", "jax_plain"] in rows and ["train", "jax_plain"] in rows
   results = json.loads(out.read_text())
   assert results["machine"]["backend"] == jax.default_backend()
   assert results["machine"]["host_memory_retained"] == (sys.platform.startswith("linux")
@@ -68,8 +74,9 @@ def test_bench_writes_every_case_to_json(tmp_path):
   assert isinstance(results["machine"]["cpu_model"], str)
   assert results["matmul_peak"]["flops_per_s"] > 0
   cases = {(c["mode"], c["framework"]): c for c in results["cases"]}
-  assert set(cases) == {("infer", "jax"), ("infer", "torch_eager"), ("train", "jax"), ("train", "torch_eager"),
-                        ("input", "jax_tf_data"), ("input", "torch_pil")}
+  assert set(cases) == {("infer", "jax"), ("infer", "jax_plain"), ("infer", "torch_eager"), ("train", "jax"),
+                        ("train", "jax_plain"), ("train", "torch_eager"), ("input", "jax_tf_data"),
+                        ("input", "torch_pil")}
   for case in cases.values():
     _check_case(case, input_images=4)
   ours, theirs = cases[("input", "jax_tf_data")], cases[("input", "torch_pil")]
@@ -80,9 +87,14 @@ def test_bench_writes_every_case_to_json(tmp_path):
   assert ours["speedup_vs_torch_pil_per_cpu_s"] == pytest.approx(
       ours["images_per_cpu_s"] / theirs["images_per_cpu_s"])
   for mode in ("infer", "train"):
-    jax_case, torch_case = cases[(mode, "jax")], cases[(mode, "torch_eager")]
-    assert jax_case["speedup_vs_torch_eager"] == pytest.approx(
-        jax_case["images_per_s"]["median"] / torch_case["images_per_s"]["median"])
+    torch_case = cases[(mode, "torch_eager")]
+    for framework in ("jax", "jax_plain"):
+      jax_case = cases[(mode, framework)]
+      assert jax_case["speedup_vs_torch_eager"] == pytest.approx(
+          jax_case["images_per_s"]["median"] / torch_case["images_per_s"]["median"])
+    # the same XLA FLOP count within float round-off of the counts: the same model, other kernels
+    assert cases[(mode, "jax_plain")]["flops_per_image"] == pytest.approx(cases[(mode, "jax")]["flops_per_image"],
+                                                                          rel=0.05)
   # The cases ran data parallel over the session's 8 CPU devices: their FLOPs count all devices' shares, as one
   # device running the whole batch would (XLA's cost analysis counts one device's program).
   abstract = nnx.eval_shape(lambda: create_model("volo_d1", img_size=32, num_classes=1000))
@@ -139,3 +151,17 @@ def test_xla_flop_count_matches_the_paper(name):
   compiled = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, images).compile()
   flops = compiled.cost_analysis()["flops"]
   assert flops == pytest.approx(2e9 * bench.PAPER_GMACS[(name, 224)], rel=0.07)
+
+
+def test_jax_rows_run_the_trainers_cpu_path_and_plain_rows_the_public_model():
+  """On a CPU backend the jax rows' model has the CPU kernels for --cpu-dots' library, as the trainer builds it; the
+  jax_plain rows' model is create_model's as it is. --cpu-dots takes every choice of volo_jax.cpu.xla."""
+  from volo_jax.cpu import kernels  # pylint: disable=import-outside-toplevel
+  for dots in xla_cpu.CHOICES:
+    args = bench.parse_args(["--model", "volo_tiny", "--img-size", "32", "--cpu-dots", dots, "--plain"])
+    args.drop_path_rate = 0.0
+    tuned, plain = bench._jax_model(args, train=False), bench._jax_model(args, train=False, plain=True)
+    assert args.plain and tuned.network[2][0].attn.attention_core is (
+        kernels.ATTENTION_CORES[xla_cpu.dot_library(dots)])
+    assert plain.network[2][0].attn.attention_core is not tuned.network[2][0].attn.attention_core
+    assert plain.head.dot_general is jax.lax.dot_general and tuned.head.dot_general is kernels.dot_general

@@ -7,6 +7,9 @@ Per case: images/s (median, min, max of --runs timed runs after --warmup), step 
 image from XLA's cost analysis next to the paper's (multiply-adds ×2), achieved FLOP/s and its fraction of the
 matmul peak measured in the same run, memory (the backend's peak where it reports one, else XLA's buffer
 assignment of the compiled step), and the process's CPU seconds per run with the host cores they kept busy.
+
+The `jax` rows run as the trainer does: on a CPU backend with `volo_jax.cpu`'s kernels and compile options.
+`--plain` adds `jax_plain` rows: create_model's model as it is in a plain jax.jit, what a user's own loop gets.
 """
 
 import argparse
@@ -19,7 +22,7 @@ import statistics
 import sys
 import time
 
-from volo_jax import xla_cpu
+from volo_jax.cpu import xla as cpu_xla
 
 # Paper "FLOPs" (multiply-adds) per image, in G, by (variant, image size): Table 2/3 of arXiv 2106.13112.
 PAPER_GMACS = {
@@ -43,8 +46,11 @@ def parse_args(argv):
   p.add_argument("--remat", default="none", help="rematerialisation policy: none, full, dots, dots_saveable")
   p.add_argument("--runs", type=int, default=5, help="timed runs per case (the median is reported)")
   p.add_argument("--warmup", type=int, default=2, help="untimed runs after compilation")
-  p.add_argument("--cpu-dots", default="auto", choices=xla_cpu.CHOICES,
-                 help="XLA:CPU's matmul library (volo_jax/xla_cpu.py); auto: oneDNN on AVX-512 CPUs, else YNNPACK")
+  p.add_argument("--cpu-dots", default="auto", choices=cpu_xla.CHOICES,
+                 help="XLA:CPU's matmul library (volo_jax/cpu/xla.py); auto: oneDNN on AVX-512 CPUs, else YNNPACK; "
+                      "default: no compile options")
+  p.add_argument("--plain", action="store_true",
+                 help="infer, train: also time the plain model (no CPU kernels) in a plain jax.jit (row jax_plain)")
   p.add_argument("--threads", type=int, default=0, help="PyTorch threads (0: all cores, as XLA:CPU uses)")
   p.add_argument("--input-images", type=int, default=64,
                  help="--mode input: distinct JPEGs, each read about 4× (whole batches)")
@@ -55,7 +61,7 @@ def parse_args(argv):
   p.add_argument("--default-malloc", action="store_true",
                  help="leave glibc's malloc and JAX's CPU dispatch as they are (by default, on a host without an "
                       "accelerator, freed memory is kept in the process for both frameworks and single-device "
-                      "computations run on the calling thread: see volo_jax/host_memory.py)")
+                      "computations run on the calling thread: see volo_jax/cpu/host_memory.py)")
   args = p.parse_args(argv)
   args.modes = [m.strip() for m in args.mode.split(",") if m.strip()]
   unknown = sorted(set(args.modes) - set(MODES))
@@ -109,7 +115,7 @@ def matmul_peak(dtype_name: str, dots: str) -> dict:
   dtype = jnp.dtype(dtype_name)
   a = jax.random.normal(jax.random.key(0), (size, size), dtype)
   b = jax.random.normal(jax.random.key(1), (size, size), dtype)
-  matmul = xla_cpu.jit(lambda a, b: a @ b, dots=dots)
+  matmul = cpu_xla.jit(lambda a, b: a @ b, dots=dots)
   times = time_runs(lambda: matmul(a, b).block_until_ready(), warmup=2, runs=5)
   return {"size": size, "dtype": dtype_name, "flops_per_s": 2 * size**3 / statistics.median(times)}
 
@@ -146,19 +152,34 @@ def _torch_peak_bytes():
   return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
 
 
-def _jax_model(args, *, train: bool):
-  """The model, initialised on the default device: under a mesh every eager init op would run on all its
-  devices (volo_d1 on 8 CPU devices: 17–24 s instead of 3–8 s); the callers place the state on the mesh."""
+def _on_cpu() -> bool:
+  import jax  # pylint: disable=import-outside-toplevel
+  return jax.default_backend() == "cpu"
+
+
+def _jit(fun, args, *, plain: bool, **jit_kwargs):
+  """The trainer's jit (XLA:CPU compile options for --cpu-dots), or for `plain` jax.jit as it is."""
+  import jax  # pylint: disable=import-outside-toplevel
+  return jax.jit(fun, **jit_kwargs) if plain else cpu_xla.jit(fun, dots=args.cpu_dots, **jit_kwargs)
+
+
+def _jax_model(args, *, train: bool, plain: bool = False):
+  """The model, initialised on the default device (under a mesh every eager init op would run on all its
+  devices; the callers place the state on the mesh). On a CPU backend, unless `plain`, with the CPU kernels for
+  --cpu-dots' library, as the trainer builds it."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from volo_jax.cpu.kernels import use_cpu_kernels  # pylint: disable=import-outside-toplevel
   from volo_jax.models import create_model  # pylint: disable=import-outside-toplevel
   extra = {"scan_blocks": True} if args.scan else {}
   if args.remat != "none":
     extra["remat"] = args.remat
   with jax.set_mesh(None):
-    return create_model(args.model, img_size=args.img_size, num_classes=1000, seed=0,
-                        drop_path_rate=args.drop_path_rate if train else 0.0,
-                        dtype=jnp.dtype(args.dtype), **extra)
+    model = create_model(args.model, img_size=args.img_size, num_classes=1000, seed=0,
+                         drop_path_rate=args.drop_path_rate if train else 0.0, dtype=jnp.dtype(args.dtype), **extra)
+  if _on_cpu() and not plain:
+    use_cpu_kernels(model, cpu_xla.dot_library(args.cpu_dots))
+  return model
 
 
 def _images(args):
@@ -166,16 +187,17 @@ def _images(args):
   return np.random.default_rng(0).standard_normal((args.batch, args.img_size, args.img_size, 3)).astype("float32")
 
 
-def jax_infer(args, mesh) -> tuple[dict, callable]:
-  """The eval forward (class + aux head), jitted over the split model state, data parallel over local devices."""
+def jax_infer(args, mesh, *, plain: bool = False) -> tuple[dict, callable]:
+  """The eval forward (class + aux head), jitted over the split model state, data parallel over local devices;
+  `plain`: the model as create_model builds it, in jax.jit."""
   import jax  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  model = _jax_model(args, train=False)
+  model = _jax_model(args, train=False, plain=plain)
   model.eval()
   graphdef, state = nnx.split(model)
   images = jax.device_put(_images(args), jax.NamedSharding(mesh, jax.P("data")))
   state = jax.device_put(state, jax.NamedSharding(mesh, jax.P()))
-  forward = xla_cpu.jit(lambda state, x: nnx.merge(graphdef, state)(x), dots=args.cpu_dots)
+  forward = _jit(lambda state, x: nnx.merge(graphdef, state)(x), args, plain=plain)
   compiled, compile_s, flops, buffer_bytes = _compiled_facts(forward.lower(state, images), mesh.size,
                                                               scanned=args.scan)
   facts = dict(compile_time_s=compile_s, flops_per_call=flops, compiled_buffer_bytes=buffer_bytes)
@@ -194,14 +216,15 @@ def _train_config(args):
   return config
 
 
-def jax_train(args, mesh) -> tuple[dict, callable]:
-  """One full train step as the trainer runs it: forward, backward, AdamW, donated state, data parallel."""
+def jax_train(args, mesh, *, plain: bool = False) -> tuple[dict, callable]:
+  """One full train step as the trainer runs it: forward, backward, AdamW, donated state, data parallel;
+  `plain`: the same step function on the model as create_model builds it, in jax.jit."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from volo_jax.train import optim, step as step_lib  # pylint: disable=import-outside-toplevel
   config = _train_config(args)
-  model = _jax_model(args, train=True)
+  model = _jax_model(args, train=True, plain=plain)
   graphdef, params, batch_stats, rng_template = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
   tx = optim.make_optimizer(config, steps_per_epoch=1000)
   replicated = jax.NamedSharding(mesh, jax.P())
@@ -209,8 +232,8 @@ def jax_train(args, mesh) -> tuple[dict, callable]:
   data = jax.NamedSharding(mesh, jax.P("data"))
   batch = {"image": jax.device_put(_images(args), data),
            "label": jax.device_put(jnp.arange(args.batch, dtype=jnp.int32) % 1000, data)}
-  step = xla_cpu.jit(step_lib.make_train_step(graphdef, rng_template, tx, config, 1000), dots=args.cpu_dots,
-                     donate_argnums=0)
+  step = _jit(step_lib.make_train_step(graphdef, rng_template, tx, config, 1000), args, plain=plain,
+              donate_argnums=0)
   compiled, compile_s, flops, buffer_bytes = _compiled_facts(step.lower(state, batch), mesh.size,
                                                               scanned=args.scan)
   holder = [state]
@@ -227,15 +250,18 @@ def outlook_share(args, step_result) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
+  from volo_jax.cpu.kernels import use_cpu_kernels  # pylint: disable=import-outside-toplevel
   from volo_jax.models.outlook import OutlookAttention  # pylint: disable=import-outside-toplevel
   from volo_jax.models.volo import PATCH_SIZE, VARIANTS, parse_model_name  # pylint: disable=import-outside-toplevel
   variant = VARIANTS[parse_model_name(args.model)[0]]
   dtype = jnp.dtype(args.dtype)
-  graphdef, state = nnx.split(OutlookAttention(variant.embed_dims[0], variant.num_heads[0], dtype=dtype,
-                                               rngs=nnx.Rngs(0)))
+  layer = OutlookAttention(variant.embed_dims[0], variant.num_heads[0], dtype=dtype, rngs=nnx.Rngs(0))
+  if _on_cpu():  # as in the step it is a share of
+    use_cpu_kernels(layer, cpu_xla.dot_library(args.cpu_dots))
+  graphdef, state = nnx.split(layer)
   side = args.img_size // PATCH_SIZE  # stage 1 runs on the stride-8 map
   x = jax.random.normal(jax.random.key(0), (args.batch, side, side, variant.embed_dims[0]), dtype)
-  grad = xla_cpu.jit(jax.grad(lambda s, x: (nnx.merge(graphdef, s)(x).astype(jnp.float32) ** 2).sum(),
+  grad = cpu_xla.jit(jax.grad(lambda s, x: (nnx.merge(graphdef, s)(x).astype(jnp.float32) ** 2).sum(),
                               argnums=(0, 1)), dots=args.cpu_dots)
   compiled, _, flops, _ = _compiled_facts(grad.lower(state, x))
   layer_s = statistics.median(time_runs(lambda: jax.block_until_ready(compiled(state, x)), warmup=args.warmup,
@@ -420,7 +446,7 @@ def _finish_case(case: dict, args, mode: str, peak: dict | None) -> dict:
 
 
 def run(args) -> dict:
-  from volo_jax import host_memory  # pylint: disable=import-outside-toplevel
+  from volo_jax.cpu import host_memory  # pylint: disable=import-outside-toplevel
   args.host_memory_retained = not args.default_malloc and host_memory.tune_for_cpu_backend()
   if args.compare_torch:
     import torch  # pylint: disable=import-outside-toplevel  # before TensorFlow: the reverse order can crash
@@ -442,9 +468,13 @@ def run(args) -> dict:
     if mode == "input":
       cases += [_finish_case(c, args, mode, peak) for c in input_cases(args, args.compare_torch)]
       continue
-    with jax.set_mesh(data_mesh):  # built and lowered under our mesh, whatever mesh a caller set globally
-      jax_facts, jax_run = jax_infer(args, data_mesh) if mode == "infer" else jax_train(args, data_mesh)
-    runners = [(dict(framework="jax", **jax_facts), jax_run)]
+    jax_case = jax_infer if mode == "infer" else jax_train
+    runners = []
+    for framework, plain in [("jax", False)] + ([("jax_plain", True)] if args.plain else []):
+      with jax.set_mesh(data_mesh):  # built and lowered under our mesh, whatever mesh a caller set globally
+        jax_facts, jax_run = jax_case(args, data_mesh, plain=plain)
+      runners.append((dict(framework=framework, **jax_facts), jax_run))
+    jax_cases = len(runners)
     runners += torch_runners(args, mode) if args.compare_torch else []
     timed = [(facts, run) for facts, run in runners if run is not None]
     cpu_times = [[] for _ in timed]
@@ -457,15 +487,16 @@ def run(args) -> dict:
       # (spinning worker threads count as busy).
       facts["cpu_time_s"] = _stats(cpu)
       facts["host_cores_busy"] = statistics.median(cpu) / facts["step_time_s"]["median"]
-    jax_case = runners[0][0]
-    jax_case["peak_memory_bytes"] = _backend_peak_bytes()
-    for facts, _ in timed[1:]:
+    ours, theirs = [facts for facts, _ in timed[:jax_cases]], [facts for facts, _ in timed[jax_cases:]]
+    for facts in ours:  # the process's peak: with --plain, over both JAX programs
+      facts["peak_memory_bytes"] = _backend_peak_bytes()
+    for facts in theirs:
       facts["peak_memory_bytes"] = _torch_peak_bytes()
     if mode == "train" and args.outlook_breakdown:
-      jax_case["outlook_attention"] = outlook_share(args, jax_case)
-    for other, _ in timed[1:]:
-      jax_case[f"speedup_vs_{other['framework']}"] = (jax_case["images_per_s"]["median"]
-                                                      / other["images_per_s"]["median"])
+      ours[0]["outlook_attention"] = outlook_share(args, ours[0])
+    for facts in ours:
+      for other in theirs:
+        facts[f"speedup_vs_{other['framework']}"] = facts["images_per_s"]["median"] / other["images_per_s"]["median"]
     cases += [_finish_case(facts, args, mode, peak) for facts, _ in runners]
   return {"machine": machine_facts(args), "matmul_peak": peak, "cases": cases}
 
@@ -483,8 +514,8 @@ def machine_facts(args) -> dict:
            "local_devices": jax.local_device_count(), "cpu_count": os.cpu_count(),
            "platform": platform.platform(), "jax": jax.__version__,
            "host_memory_retained": args.host_memory_retained,
-           "cpu_model": xla_cpu.cpu_model() or platform.processor(),
-           "xla_compiler_options": xla_cpu.compiler_options(args.cpu_dots)}
+           "cpu_model": cpu_xla.cpu_model() or platform.processor(),
+           "cpu_dots": args.cpu_dots, "xla_compiler_options": cpu_xla.compiler_options(args.cpu_dots)}
   if args.compare_torch:
     import torch  # pylint: disable=import-outside-toplevel
     facts.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
@@ -511,14 +542,18 @@ def format_table(results: dict) -> str:
         f"{ratio if ratio else float('nan'):6.2f}")
   machine = results["machine"]
   if machine["backend"] == "cpu":
-    dots = "oneDNN" if machine["xla_compiler_options"].get("xla_cpu_use_onednn") else "YNNPACK (XLA's default)"
-    lines.append(f"CPU: {machine['cpu_model'] or 'unknown'}; XLA:CPU dots in {dots}")
+    options = machine["xla_compiler_options"]
+    dots = "oneDNN" if options.get("xla_cpu_use_onednn") else "YNNPACK (XLA's default)"
+    lines.append(f"CPU: {machine['cpu_model'] or 'unknown'}; XLA:CPU dots in {dots}"
+                 + ("" if options else ", no compile options"))
+    if any(c["framework"] == "jax_plain" for c in results["cases"]):
+      lines.append("jax_plain: the model without CPU kernels in a plain jax.jit (XLA's default options)")
   peak = results["matmul_peak"]
   if peak:
     scope = "per device" if peak["devices"] == 1 else f"per device, MFU against {peak['devices']}× it"
     lines.append(f"matmul peak ({peak['dtype']}, {peak['size']}², {scope}): {peak['flops_per_s'] / 1e9:.1f} "
                  f"GFLOP/s; ratio = JAX images/s ÷ PyTorch eager (input: PIL) images/s, timed in alternation")
-  if any(c.get("flops_source") == "paper" and c["framework"] == "jax" for c in results["cases"]):
+  if any(c.get("flops_source") == "paper" and c["framework"].startswith("jax") for c in results["cases"]):
     lines.append("MFU of the scanned model from the paper's FLOPs: XLA's cost analysis counts a loop's body once")
   busy = [c for c in results["cases"] if "host_cores_busy" in c]
   if busy:
