@@ -132,7 +132,13 @@ def test_use_cpu_kernels_reaches_every_hook(scan_blocks, dot_library):
   _assert_all_tuned(model, dot_library)
   graphdef, state = nnx.split(model)
   _assert_all_tuned(nnx.merge(graphdef, state), dot_library)  # static attributes: in the graphdef
-  _assert_all_tuned(nnx.eval_shape(lambda: model), dot_library)
+
+  def build_tuned():  # as a trainer builds its abstract model
+    fresh = volo_jax.create_model("volo_tiny", img_size=32, num_classes=10, scan_blocks=scan_blocks)
+    kernels.use_cpu_kernels(fresh, dot_library)
+    return fresh
+
+  _assert_all_tuned(nnx.eval_shape(build_tuned), dot_library)
 
 
 def test_use_cpu_kernels_refuses_unknown_libraries():

@@ -366,7 +366,7 @@ def input_cases(args, compare_torch: bool) -> list[dict]:
   options.threading.max_intra_op_parallelism = 1
   options.autotune.enabled = False
   # Batched as the trainer batches (one Python-side element per batch), and one iterator for all runs, as a
-  # training run has: making one instantiates the transform's graph (≈ 0.4 s), a cost per run, not per image.
+  # training run has: making one instantiates the transform's graph, a cost per run, not per image.
   batches = iter(ds.batch(args.batch).with_options(options))
 
   def ours():
