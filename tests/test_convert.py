@@ -1,7 +1,6 @@
 """Weight conversion both ways against timm, the official fine-tuning load changes, and refusal of bad files."""
 
 import os
-import pickle
 import subprocess
 import sys
 

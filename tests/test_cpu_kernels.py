@@ -79,7 +79,7 @@ def test_attention_core_matches_plain(dtype, heads, dot_library):
 def test_attention_core_splits_the_backward_in_head_halves_only_for_ynnpack():
   q = jnp.ones((2, 4, 7, 8))
   for dot_library in ("onednn", "ynnpack", "onednn"):
-    grad = jax.grad(lambda q: kernels.ATTENTION_CORES[dot_library](q, q, q).sum())  # pylint: disable=cell-var-from-loop
+    grad = jax.grad(lambda q, core=kernels.ATTENTION_CORES[dot_library]: core(q, q, q).sum())
     assert ("concatenate" in jax.jit(grad).lower(q).as_text()) == (dot_library == "ynnpack")
 
 

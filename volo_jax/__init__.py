@@ -3,3 +3,6 @@
 from volo_jax.models import VARIANTS, VOLO, create_model, default_crop_pct
 from volo_jax.convert.mapping import export_torch_weights, load_torch_weights
 from volo_jax.train.optim import lr_schedule
+
+__all__ = ["VARIANTS", "VOLO", "create_model", "default_crop_pct", "export_torch_weights", "load_torch_weights",
+           "lr_schedule"]
