@@ -45,8 +45,9 @@ def dataset_info(config) -> DatasetInfo:
 
 
 def decode_train(example, seed, config, labels=None):
-  """timm's train transform: random-resized crop (fused with the JPEG decode) with random interpolation,
-  flip, RandAugment on the uint8 crop, normalise, random erasing.
+  """timm's train transform: random-resized crop (fused with the decode for JPEG; other formats decode whole and
+  are cropped with the same box) with random interpolation, flip, RandAugment on the uint8 crop, normalise,
+  random erasing.
 
   With a token-label store, the example also carries its label map and what the target builder needs to crop,
   flip and warp it like the image: the crop box (top, left, h, w) as fractions of the image, the flip, and the
@@ -54,11 +55,14 @@ def decode_train(example, seed, config, labels=None):
   """
   seeds = tf.random.experimental.stateless_split(seed, 5)
   image_bytes = example["image"]
-  shape = tf.image.extract_jpeg_shape(image_bytes)
+  is_jpeg = tf.io.is_jpeg(image_bytes)
+  other = tf.cond(is_jpeg, lambda: tf.zeros((0, 0, 3), tf.uint8), lambda: _decode_any(image_bytes))
+  shape = tf.cond(is_jpeg, lambda: tf.image.extract_jpeg_shape(image_bytes)[:2], lambda: tf.shape(other)[:2])
   d = config.data
   top, left, h, w = augment.random_resized_crop_window(seeds[0], shape[0], shape[1], scale=tuple(d.crop_scale),
                                                        ratio=tuple(d.crop_ratio))
-  image = tf.image.decode_and_crop_jpeg(image_bytes, tf.stack([top, left, h, w]), channels=3)
+  image = tf.cond(is_jpeg, lambda: tf.image.decode_and_crop_jpeg(image_bytes, tf.stack([top, left, h, w]), channels=3),
+                  lambda: other[top:top + h, left:left + w])
   image = augment.resize_random_interpolation(image, config.model.img_size, seeds[1])
   image = tf.round(image)  # PIL hands RandAugment uint8 pixels
   flip, geometry = tf.constant(False), tf.eye(3)
@@ -86,8 +90,13 @@ def open_token_labels(config) -> token_label_store.LabelStore | None:
   return token_label_store.LabelStore(config.token_label.dir) if config.token_label.enabled else None
 
 
+def _decode_any(image_bytes):
+  """Any format TensorFlow reads (PNG, GIF's first frame, BMP, JPEG) as RGB uint8: the path for non-JPEG bytes."""
+  return tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+
+
 def _decode_eval(example, config):
-  image = tf.io.decode_jpeg(example["image"], channels=3)
+  image = _decode_any(example["image"])
   image = transforms.eval_transform(image, config.model.img_size, config.data.crop_pct)
   return {"image": image, "label": tf.cast(example["label"], tf.int32), "mask": tf.constant(1.0)}
 
