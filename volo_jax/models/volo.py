@@ -12,6 +12,7 @@ from flax import nnx
 from volo_jax.models import layers as L
 from volo_jax.models.dropout import dropout
 from volo_jax.models.initializers import embedding_init
+from volo_jax.models.pretrained import eval_crop_pct
 from volo_jax.models.stack import BlockStack, check_remat, checkpointed, run_blocks
 
 PATCH_SIZE = 8  # stem stride
@@ -39,13 +40,10 @@ VARIANTS = {
     "volo_tiny": VoloVariant((2, 2, 1, 1), (64, 128, 128, 128), (2, 4, 4, 4), stem_hidden_dim=32),
 }
 
-# Eval crop_pct of timm's pretrained configs (the ones its published accuracies use), by (variant, size).
-_CROP_PCT = {("volo_d4", 448): 1.15, ("volo_d5", 448): 1.15, ("volo_d5", 512): 1.15}
-
-
 def default_crop_pct(name: str, img_size: int) -> float:
-  """timm's eval crop_pct: 0.96 at 224, 1.0 at 384/448, 1.15 for d4/d5 at 448 and 512."""
-  return _CROP_PCT.get((name, img_size), 0.96 if img_size <= 224 else 1.0)
+  """timm's eval crop_pct of the released weights (models/pretrained.py: 0.96 at 224, 1.0 at 384/448, 1.15 for
+  d4/d5 at 448 and 512); for other sizes and variants 0.96 up to 224, else 1.0."""
+  return eval_crop_pct(name, img_size) or (0.96 if img_size <= 224 else 1.0)
 
 
 def parse_model_name(name: str) -> tuple[str, int | None]:
