@@ -5,6 +5,7 @@ persistent compilation cache, so each distinct program compiles once for the who
 
 import glob
 import io
+import logging
 import os
 import re
 import shutil
@@ -487,13 +488,61 @@ def test_two_processes_equal_one_and_the_checkpoint_moves_to_a_2_device_mesh(dat
 # ------------------------------------------------------------------------------------ damaged checkpoints
 
 
+class VoloPartlyCorrupt(tfds.core.GeneratorBasedBuilder):
+  """The digits' shapes and classes, 160 random images of which every 5th does not decode (20%)."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(32, 32, 3), encoding_format="jpeg"),
+        "label": tfds.features.ClassLabel(num_classes=10)}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {"train": self._generate_examples()}
+
+  def _generate_examples(self):
+    for i in range(160):
+      image = np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+      yield i, {"image": io.BytesIO(b"not a jpeg" * 20) if i % 5 == 0 else image, "label": i % 10}
+
+
+class _Lines(logging.Handler):
+  def __init__(self):
+    super().__init__()
+    self.lines = []
+
+  def emit(self, record):
+    self.lines.append((record.levelname, record.getMessage()))
+
+
 @pytest.fixture(scope="module")
 def saved_run(data_dir, cache_env, tmp_path_factory):
-  """A 4-step run with checkpoints at steps 1, 2 and 4, each with its integrity record."""
+  """A 4-step run on images of which 20% do not decode, with checkpoints at steps 1, 2 and 4, each with its
+  integrity record; returns the workdir and the run's log lines."""
   workdir = str(tmp_path_factory.mktemp("saved") / "run")
-  loop.train_and_evaluate(run_config(data_dir, 4), workdir)
+  VoloPartlyCorrupt(data_dir=data_dir).download_and_prepare()
+  lines = _Lines()
+  logging.getLogger("absl").addHandler(lines)
+  try:
+    loop.train_and_evaluate(run_config(data_dir, 4, **PARTLY_CORRUPT), workdir)
+  finally:
+    logging.getLogger("absl").removeHandler(lines)
   assert checkpoint_steps(workdir) == [1, 2, 4]
-  return workdir
+  return workdir, lines.lines
+
+
+PARTLY_CORRUPT = {"data.dataset": "volo_partly_corrupt", "data.train_split": "train", "data.eval_split": "train"}
+
+
+def test_twenty_percent_corrupt_images_train_and_warn_naming_the_first_error(saved_run):
+  """saved_run trained its 4 steps (checked there) and warned about the dropped images at each log line."""
+  _, lines = saved_run
+  warnings = [m for level, m in lines if "training examples" in m and level == "WARNING"]
+  assert warnings and all(re.match(r"process 0: \d+ of the last \d+ training examples \(\d+%\) were dropped, \d+ in "
+                                   r"all; the first error: 'volo_partly_corrupt' split 'train', example \d+: .*JPEG",
+                                   m) for m in warnings), warnings
 
 
 def _state_file(step_dir: str, kind: str) -> str:
@@ -524,7 +573,7 @@ def test_damaged_latest_checkpoint_stops_naming_the_intact_one(kind, how, saved_
   """The default ('stop'): one line naming the step, the directory, the bad file and the intact step; nothing in
   the workdir changes."""
   workdir = str(tmp_path / "run")
-  shutil.copytree(saved_run, workdir)
+  shutil.copytree(saved_run[0], workdir)
   path = _state_file(os.path.join(workdir, "checkpoints", "4"), kind)
   _damage(path, how)
   config = run_config(data_dir, 4)
@@ -548,10 +597,10 @@ def test_fallback_and_resume_step_restore_the_intact_checkpoint_setting_the_late
                                                                                        tmp_path):
   config = run_config(data_dir, 4)
   run = loop.describe_run(config)
-  expected = restore(saved_run, config, 2)
+  expected = restore(saved_run[0], config, 2)
   for name, options in (("fallback", {"on_corrupt": "fallback"}), ("chosen", {"resume_step": 2})):
     workdir = str(tmp_path / name)
-    shutil.copytree(saved_run, workdir)
+    shutil.copytree(saved_run[0], workdir)
     if name == "fallback":
       _damage(_state_file(os.path.join(workdir, "checkpoints", "4"), "ocdbt.process_0/d/*"), "bit-flipped")
     ckpt = checkpoint.Checkpointer(workdir, config)
@@ -561,12 +610,12 @@ def test_fallback_and_resume_step_restore_the_intact_checkpoint_setting_the_late
     assert checkpoint_steps(workdir) == [1, 2]
     assert os.listdir(os.path.join(workdir, checkpoint.SET_ASIDE_DIR)) == ["4"]
   with pytest.raises(errors.ConfigError, match=r"resume_step 3: .* holds the checkpoints of steps \[1, 2, 4\]"):
-    checkpoint.Checkpointer(saved_run, config).resume(run.abstract_state, resume_step=3)
+    checkpoint.Checkpointer(saved_run[0], config).resume(run.abstract_state, resume_step=3)
 
 
 def test_checkpoint_without_integrity_record_restores_with_a_note(saved_run, data_dir, tmp_path, caplog):
   workdir = str(tmp_path / "run")
-  shutil.copytree(saved_run, workdir)
+  shutil.copytree(saved_run[0], workdir)
   for step in (2, 4):
     os.remove(os.path.join(workdir, "checkpoints", str(step), checkpoint.INTEGRITY_JSON))
   config = run_config(data_dir, 4)
@@ -574,7 +623,7 @@ def test_checkpoint_without_integrity_record_restores_with_a_note(saved_run, dat
   with caplog.at_level("INFO"):
     state = ckpt.resume(loop.describe_run(config).abstract_state)
   ckpt.close()
-  assert_states_equal(jax.tree.map(np.asarray, jax.device_get(state)), restore(saved_run, config, 4))
+  assert_states_equal(jax.tree.map(np.asarray, jax.device_get(state)), restore(saved_run[0], config, 4))
   notes = [r.getMessage() for r in caplog.records if "integrity record" in r.getMessage()]
   assert notes == ["the checkpoint of step 4 has no integrity record (written by an earlier version): restored "
                    "unverified"]
@@ -582,7 +631,7 @@ def test_checkpoint_without_integrity_record_restores_with_a_note(saved_run, dat
 
 def test_init_from_a_damaged_workdir_is_refused(saved_run, data_dir, tmp_path):
   workdir = str(tmp_path / "run")
-  shutil.copytree(saved_run, workdir)
+  shutil.copytree(saved_run[0], workdir)
   _damage(_state_file(os.path.join(workdir, "checkpoints", "4"), "ocdbt.process_0/d/*"), "truncated")
   model = loop.build_model(run_config(data_dir, 4), 10)
   with pytest.raises(errors.CheckpointError, match=r"the checkpoint of step 4 is damaged: default/ocdbt.process_0/d/"
@@ -593,7 +642,7 @@ def test_init_from_a_damaged_workdir_is_refused(saved_run, data_dir, tmp_path):
 def test_train_py_stops_on_a_damaged_checkpoint_in_one_line_with_exit_code_1(saved_run, data_dir, cache_env,
                                                                              tmp_path):
   workdir = str(tmp_path / "run")
-  shutil.copytree(saved_run, workdir)
+  shutil.copytree(saved_run[0], workdir)
   _damage(_state_file(os.path.join(workdir, "checkpoints", "4"), "ocdbt.process_0/d/*"), "truncated")
   before = _tree(os.path.join(workdir, "checkpoints"))
   result = subprocess.run(train_py(workdir, data_dir, 6), capture_output=True, text=True,
@@ -607,3 +656,100 @@ def test_train_py_stops_on_a_damaged_checkpoint_in_one_line_with_exit_code_1(sav
   assert len(lines) == 1 and re.search(r"the checkpoint of step 4 in .* is damaged: default/ocdbt.process_0/d/\w+ is "
                                        r"\d+ bytes.*resume_step=2 ", lines[0]), lines
   assert _tree(os.path.join(workdir, "checkpoints")) == before
+
+
+# ----------------------------------------------------------------------------------- input that yields nothing
+
+
+class VoloUndecodable(tfds.core.GeneratorBasedBuilder):
+  """The digits' shapes and classes, 48 examples of which none decodes."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(32, 32, 3), encoding_format="jpeg"),
+        "label": tfds.features.ClassLabel(num_classes=10)}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {"train": self._generate_examples()}
+
+  def _generate_examples(self):
+    for i in range(48):
+      yield i, {"image": io.BytesIO(b"not a jpeg %d" % i * 20), "label": i % 10}
+
+
+def test_input_that_decodes_nothing_stops_in_one_line_without_a_checkpoint(data_dir, cache_env, tmp_path):
+  VoloUndecodable(data_dir=data_dir).download_and_prepare()
+  workdir = str(tmp_path / "run")
+  config = run_config(data_dir, 4, **{"data.dataset": "volo_undecodable", "data.train_split": "train",
+                                      "data.eval_split": "train", "data.shuffle_buffer": 16})
+  started = time.time()
+  with pytest.raises(errors.InputStalledError) as raised:
+    loop.train_and_evaluate(config, workdir)
+  message = str(raised.value)
+  assert "\n" not in message and re.fullmatch(
+      r"no training batch from 'volo_undecodable' split 'train': \d+ examples read, all dropped; the first error: "
+      r"'volo_undecodable' split 'train', example 0: .*JPEG.*", message), message
+  assert time.time() - started < 60
+  assert not has_any_checkpoint(workdir)
+
+
+def has_any_checkpoint(workdir: str) -> bool:
+  return os.path.isdir(os.path.join(workdir, "checkpoints")) and bool(os.listdir(os.path.join(workdir,
+                                                                                               "checkpoints")))
+
+
+# train.py whose train split stalls: from raw example {limit} of an epoch on, each takes an hour to read.
+STALLING_TRAIN_PY = """
+import sys, time
+sys.path.insert(0, {root!r})
+import tensorflow as tf
+from absl import app
+from volo_jax import flag_errors
+from volo_jax.data import pipeline
+import train
+
+read = pipeline._read
+
+
+def stalling_read(config, split, shuffle_seed):
+  ds = read(config, split, shuffle_seed)
+  if shuffle_seed is None:
+    return ds
+
+  def gate(i, example):
+    waited = tf.py_function(lambda i: time.sleep(3600) or i if int(i) >= {limit} else i, [i], tf.int64)
+    with tf.control_dependencies([waited]):
+      return {{k: tf.identity(v) for k, v in example.items()}}
+
+  return ds.enumerate().map(gate)
+
+
+pipeline._read = stalling_read
+app.run(train.main, flags_parser=flag_errors.parser("train.py"))
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_while_input_stalls_saves_and_exits_within_seconds_then_resumes(data_dir, cache_env, tmp_path):
+  """Two steps read 64 examples; the third batch never comes. SIGTERM then saves step 2 and exits 0 within 10 s;
+  the next run resumes from step 2. cpu.dots=default: the runs share the persistent compilation cache."""
+  workdir, script = str(tmp_path / "run"), tmp_path / "stalling_train.py"
+  script.write_text(STALLING_TRAIN_PY.format(root=REPO_ROOT, limit=64))
+  flags = {"data.shuffle_buffer": 1, "checkpoint_every_steps": 100, "cpu.dots": "default"}
+  run = Run([sys.executable, str(script), *train_py(workdir, data_dir, 6, **flags)[2:]], subprocess_env(cache_env, 8))
+  run.wait_for_step(2)
+  time.sleep(2)  # waiting for the third batch by now
+  sent = time.time()
+  run.proc.send_signal(signal.SIGTERM)
+  assert run.finish(timeout=60) == 0, run.log()[-3000:]
+  grace = time.time() - sent
+  assert grace < 10, run.log()[-3000:]
+  assert "SIGTERM while waiting for input: checkpoint of step 2 saved, exiting" in run.log()
+  assert checkpoint_steps(workdir)[-1] == 2
+  run = Run(train_py(workdir, data_dir, 4, **flags), subprocess_env(cache_env, 8))
+  assert run.finish() == 0, run.log()[-3000:]
+  assert "resuming from step 2" in run.log() and checkpoint_steps(workdir)[-1] == 4
+  print(f"SIGTERM while waiting for the third batch: step 2 saved, exit 0 after {grace:.1f}s; resumed from step 2")

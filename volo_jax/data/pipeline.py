@@ -3,6 +3,11 @@ augments and batches its share of the global batch, skipping (and counting) imag
 the host CPU, never on the accelerator."""
 
 import dataclasses
+import queue
+import re
+import threading
+import time
+from typing import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -11,7 +16,11 @@ from absl import logging
 
 from volo_jax.data import augment, randaugment, token_label_store, transforms
 from volo_jax.data.digits import VoloDigits  # noqa: F401  (registers `volo_digits` with TFDS)
-from volo_jax.errors import ConfigError
+from volo_jax.errors import ConfigError, InputStalledError
+
+STALL_EXAMPLES = 1000  # a shard that read this many examples (or all of it, if smaller) and decoded none is stuck
+WAIT_LOG_SECS = 30  # a log line this often while a batch is awaited
+_POLL_SECS = 0.5  # how often a waiting consumer looks at the counters and at its stop callback
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,27 +127,123 @@ def data_shards(config, process_count: int) -> int:
   return config.data.shards or process_count
 
 
+@dataclasses.dataclass
+class _Shard:
+  """One data shard of this process: its name for messages, its size, and counters that the input pipeline
+  advances as it goes (examples that entered decoding, examples decoded), readable while the consumer waits."""
+  name: str
+  size: int
+  read: tf.Variable
+  decoded: tf.Variable
+  raw: Callable[[], tf.data.Dataset]  # the shard's (position, undecoded example) stream from the start position
+  decode: Callable  # (position, example) → decoded example, eagerly (for the first error)
+
+
 class TrainBatches:
   """Iterator of this process's batches; `skipped` counts the examples dropped so far: images that did not decode
   and, with token labels, images without a label map.
 
   Each of the process's shards yields (raw position, example) pairs; an example whose decode or label lookup
-  fails is dropped, so the gap between raw positions and delivered examples is the number skipped.
+  fails is dropped, so the gap between raw positions and delivered examples is the number skipped. A thread
+  fetches each batch on request, so that the consumer can wait with a timeout: it logs while it waits, stops
+  with InputStalledError when a shard reads many examples and decodes none, and `get(stop)` gives up when
+  `stop()` becomes true (SIGTERM).
   """
 
-  def __init__(self, datasets: list, start: int, per_shard: int):
+  def __init__(self, datasets: list, start: int, per_shard: int, shards: list | None = None,
+               stop: tf.Variable | None = None):
     self._iterators = [_deterministic(ds).as_numpy_iterator() for ds in datasets]
     self._start, self._per_shard, self._delivered = start, per_shard, 0
+    self._shards, self._stop = shards or [], stop
+    self._requests, self._results = queue.Queue(), queue.Queue()
+    self._pending = False  # a request not yet answered
+    self._first_error = None
+    self._marks = self._counts()  # (read, decoded) per shard when the last batch was delivered
     self.skipped = 0
+    threading.Thread(target=_fetch, args=(self._iterators, self._requests, self._results), daemon=True,
+                     name="train-input").start()
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict:
-    parts = [next(it) for it in self._iterators]
+    return self.get()
+
+  def get(self, stop: Callable[[], bool] | None = None) -> dict | None:
+    """The next batch; None if `stop()` became true while it was awaited (the batch is then the next call's)."""
+    if not self._pending:
+      self._requests.put(True)
+      self._pending = True
+    waited, logged = time.time(), time.time()
+    while True:
+      try:
+        parts = self._results.get(timeout=_POLL_SECS)
+        break
+      except queue.Empty:
+        pass
+      if stop is not None and stop():
+        return None
+      self._check_stall()
+      if time.time() - logged >= WAIT_LOG_SECS:
+        logged = time.time()
+        read, decoded = (sum(c) for c in zip(*self._counts())) if self._shards else (0, 0)
+        what = "the first batch" if not self._delivered else "input"
+        logging.info("waiting for %s for %.0fs: %d examples read, %d dropped", what, logged - waited, read,
+                     read - decoded)
+    self._pending = False
+    if isinstance(parts, BaseException):
+      raise parts
     self._delivered += self._per_shard
     self.skipped = sum(int(p["position"][-1]) + 1 - self._start - self._delivered for p in parts)
+    self._marks = self._counts()
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k != "position"}
+
+  def _counts(self) -> list:
+    return [(int(s.read.numpy()), int(s.decoded.numpy())) for s in self._shards]
+
+  def _check_stall(self) -> None:
+    for shard, (read, decoded), (read0, decoded0) in zip(self._shards, self._counts(), self._marks):
+      if decoded == decoded0 and read - read0 >= min(STALL_EXAMPLES, shard.size):
+        self.close()
+        raise InputStalledError(f"no training batch from {shard.name}: {read - read0} examples read, all dropped; "
+                                f"the first error: {self.first_error()}")
+
+  def first_error(self) -> str:
+    """The first decode or label-lookup error of this process's shards from the start position: their examples
+    are decoded again, eagerly and in order, until one fails (only called once something was dropped)."""
+    if self._first_error is None:
+      self._first_error = "none found"
+      for shard in self._shards:
+        for position, example in shard.raw().take(STALL_EXAMPLES):
+          try:
+            shard.decode(position, example)
+          except tf.errors.OpError as e:
+            self._first_error = f"{shard.name}, example {int(position)}: {_clean(e.message)}"
+            return self._first_error
+    return self._first_error
+
+  def close(self) -> None:
+    """Ends the input pipelines, so that the fetching thread returns even from a stream that drops everything."""
+    if self._stop is not None:
+      self._stop.assign(True)
+
+
+def _clean(message: str) -> str:
+  """A TensorFlow error's first line without the wrapping function's and op's names."""
+  first = message.strip().splitlines()[0] if message.strip() else "unknown error"
+  first = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", first)
+  first = re.sub(r"^.*Summarized data: b'(.*)'$", r"\1", first)  # a failed tf.debugging.Assert: its message
+  return re.sub(r"\s*\[Op:\w+\].*$", "", first).strip()
+
+
+def _fetch(iterators: list, requests: queue.Queue, results: queue.Queue) -> None:
+  """TrainBatches' thread: one list of per-shard batches (or the exception that ended the stream) per request."""
+  while requests.get():
+    try:
+      results.put([next(it) for it in iterators])
+    except BaseException as e:  # pylint: disable=broad-except  (handed to the consumer, StopIteration included)
+      results.put(e)
+      return
 
 
 def train_dataset(config, *, local_batch: int, start_step: int, process_index: int,
@@ -160,19 +265,58 @@ def train_dataset(config, *, local_batch: int, start_step: int, process_index: i
   logging.info("process %d reads shard(s) %s of %d of %r from example %d of each", process_index, list(mine),
                shards, config.data.train_split, start)
   labels = open_token_labels(config)
-  datasets = []
+  stop = tf.Variable(False)  # TrainBatches.close() sets it: every shard's stream ends
+  datasets, counted = [], []
   for shard in mine:
     split = tfds.split_for_jax_process(config.data.train_split, process_index=shard, process_count=shards)
     seed = config.seed + 1000 * shard
-    ds = _read(config, split, shuffle_seed=seed)
-    ds = ds.repeat().shuffle(config.data.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    ds = ds.enumerate().skip(start)
-    ds = ds.map(lambda i, ex, seed=seed: dict(decode_train(ex, tf.stack([tf.constant(seed, tf.int64), i]),
-                                                            config, labels), position=i),
+    read, decoded = tf.Variable(tf.constant(0, tf.int64)), tf.Variable(tf.constant(0, tf.int64))
+
+    def raw(seed=seed, split=split):
+      ds = _read(config, split, shuffle_seed=seed)
+      ds = ds.repeat().shuffle(config.data.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+      return ds.enumerate().skip(start)
+
+    def decode(i, ex, seed=seed, counters=None):
+      return _decode_counted(ex, tf.stack([tf.constant(seed, tf.int64), i]), config, labels, counters)
+
+    ds = raw().take_while(lambda *_: tf.logical_not(stop.read_value()))  # upstream of the dropping: ends even
+    #                                                                      a stream that drops everything
+    ds = ds.map(lambda i, ex, decode=decode, counters=(read, decoded): dict(decode(i, ex, counters=counters),
+                                                                            position=i),
                 num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.ignore_errors()  # a corrupt image or a missing label map raises: drop it (TrainBatches counts the gap)
     datasets.append(ds.batch(per_shard, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
-  return TrainBatches(datasets, start, per_shard)
+    name = f"{config.data.dataset!r} split {config.data.train_split!r}" + (
+        f" (shard {shard} of {shards})" if shards > 1 else "")
+    counted.append(_Shard(name=name, size=_num_examples(config, split), read=read, decoded=decoded, raw=raw,
+                          decode=decode))
+  return TrainBatches(datasets, start, per_shard, counted, stop)
+
+
+def _num_examples(config, split: str) -> int:
+  return builder(config).info.splits[split].num_examples
+
+
+def _decode_counted(example, seed, config, labels, counters=None):
+  """decode_train, counting the examples that enter it and those that come out (a failing one raises between).
+  Bytes that are no JPEG at all fail a check of the start marker first: one clear error, and libjpeg does not
+  print a line for each such image."""
+  image = example["image"]
+  if counters is not None:
+    with tf.control_dependencies([counters[0].assign_add(1)]):
+      image = tf.identity(image)
+  is_jpeg = tf.strings.substr(image, 0, 2) == b"\xff\xd8"
+  with tf.control_dependencies([tf.debugging.Assert(is_jpeg, ["not a JPEG: the bytes do not start with FF D8"])]):
+    example = dict(example, image=tf.identity(image))
+  out = decode_train(example, seed, config, labels)
+  if counters is None:
+    return out
+  decoded = counters[1]
+  with tf.control_dependencies(tf.nest.flatten(out)):
+    counted = decoded.assign_add(1)
+  with tf.control_dependencies([counted]):
+    return tf.nest.map_structure(tf.identity, out)
 
 
 def eval_dataset(config, *, local_batch: int, process_index: int, process_count: int):

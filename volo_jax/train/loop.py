@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import sys
+import threading
 import time
 from typing import Any
 
@@ -237,6 +238,60 @@ def _check_finite(pending: list, config, ckpt, progress) -> dict:
   return host[-1]
 
 
+DROPPED_WARNING = 0.05  # a log window that dropped more than this fraction of the examples it read warns
+
+
+def _report_dropped(batches: pipeline.TrainBatches, dropped: int, delivered: int, total: int) -> None:
+  """A warning naming the first error when many of the window's examples were dropped, else an info line."""
+  fraction = dropped / (dropped + delivered)
+  if fraction > DROPPED_WARNING:
+    logging.warning("process %d: %d of the last %d training examples (%.0f%%) were dropped, %d in all; the first "
+                    "error: %s (with token labels, `python -m volo_jax.token_labels verify` lists the images without "
+                    "a label map)", jax.process_index(), dropped, dropped + delivered, 100 * fraction, total,
+                    batches.first_error())
+  else:
+    logging.info("process %d: %d training examples dropped (%d in all): they did not decode or have no label map",
+                 jax.process_index(), dropped, total)
+
+
+def _first_step(run: Run, train_step, state, batch, stop):
+  """The first step, whose call compiles, in a thread, so that SIGTERM during a long compile is acted on at once:
+  None when stop() became true first (the thread is left to finish; its result is not used)."""
+  result = {}
+
+  def work():
+    try:
+      with jax.set_mesh(run.mesh):
+        result["out"] = train_step(state, batch)
+    except BaseException as e:  # pylint: disable=broad-except  (re-raised in the caller's thread)
+      result["error"] = e
+
+  thread = threading.Thread(target=work, daemon=True, name="first-step")
+  thread.start()
+  while thread.is_alive():
+    thread.join(timeout=0.5)
+    if thread.is_alive() and stop():
+      return None
+  if "error" in result:
+    raise result["error"]
+  return result["out"]
+
+
+def _stop_while_waiting(what: str, done: int, state, pending: list, config, ckpt, progress) -> None:
+  """SIGTERM while waiting for input or a compile: saves the state if steps ran since the last checkpoint."""
+  ckpt.wait()
+  latest = ckpt.latest_step()
+  if done > (latest or 0):
+    if pending:
+      _check_finite(pending, config, ckpt, progress)
+    ckpt.save(done, state, force=True)
+    ckpt.wait()
+    logging.warning("SIGTERM while %s: checkpoint of step %d saved, exiting", what, done)
+  else:
+    logging.warning("SIGTERM while %s: %s, nothing to save, exiting", what,
+                    f"step {done} is saved already" if latest is not None else "no step ran yet")
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains config's experiment in workdir (resuming if it holds checkpoints); returns the last eval metrics.
 
@@ -272,7 +327,19 @@ def _train_loop(run: Run, workdir: str, ckpt: checkpoint.Checkpointer, pretraine
   pending = []  # (step, device metrics) not yet checked for NaN/inf: checked before every log and save
   try:
     for step in range(start, run.total_steps):
-      state, metrics = train_step(state, sharding.global_batch(next(batches), run.mesh))
+      batch = batches.get(stop=preemption.signalled)
+      if batch is None:
+        _stop_while_waiting("waiting for input", step, state, pending, config, ckpt, progress)
+        break
+      batch = sharding.global_batch(batch, run.mesh)
+      if step == start:
+        first = _first_step(run, train_step, state, batch, stop=preemption.signalled)
+        if first is None:
+          _stop_while_waiting("compiling the first step", step, None, [], config, ckpt, progress)
+          break
+        state, metrics = first
+      else:
+        state, metrics = train_step(state, batch)
       done = step + 1
       window_steps += 1
       pending.append((done, metrics))
@@ -290,12 +357,10 @@ def _train_loop(run: Run, workdir: str, ckpt: checkpoint.Checkpointer, pretraine
         progress.scalars(done, {"train/loss": metrics["loss"], "train/lr": lr,
                                 "train/accuracy": metrics["accuracy"], "perf/images_per_sec": images_per_sec})
         progress.advance(window_steps, {"loss": f"{metrics['loss']:.3f}"})
-        window_start, window_steps = time.time(), 0
         if batches.skipped > skipped:
+          _report_dropped(batches, batches.skipped - skipped, window_steps * run.local_batch, batches.skipped)
           skipped = batches.skipped
-          logging.warning("process %d: %d training images skipped so far: they did not decode or, with token labels, "
-                          "have no label map (`python -m volo_jax.token_labels verify` lists those)",
-                          jax.process_index(), skipped)
+        window_start, window_steps = time.time(), 0
       if saving:
         ckpt.save(done, state, force=True)
       if preempted:
@@ -308,6 +373,7 @@ def _train_loop(run: Run, workdir: str, ckpt: checkpoint.Checkpointer, pretraine
                      eval_metrics["top5"], eval_metrics["count"])
         progress.scalars(done, {"eval/top1": eval_metrics["top1"], "eval/top5": eval_metrics["top5"]})
   finally:
+    batches.close()
     preemption.close()
     progress.close()
     ckpt.close()

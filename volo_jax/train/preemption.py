@@ -1,9 +1,10 @@
 """SIGTERM (a preempted VM, `kill`, a scheduler's stop) → save the current step and exit 0.
 
-One process: our own SIGTERM handler sets a flag that the loop reads after each step. Several processes: jax's
-preemption sync manager (started by jax.distributed.initialize) catches SIGTERM itself and orbax's
-`reached_preemption` makes every process stop at the same step, so the checkpoint they write together is whole;
-installing a Python handler there would take SIGTERM away from it.
+One process: our own SIGTERM handler sets a flag that the loop reads after each step, and also while it waits
+for input or for the first step's compile (`signalled`), so that a stalled run still stops at once. Several
+processes: jax's preemption sync manager (started by jax.distributed.initialize) catches SIGTERM itself and
+orbax's `reached_preemption` makes every process stop at the same step, so the checkpoint they write together is
+whole; installing a Python handler there would take SIGTERM away from it.
 """
 
 import signal
@@ -26,7 +27,12 @@ class PreemptionWatch:
   def _on_sigterm(self, signum, frame):
     del signum, frame
     self._signalled = True
-    logging.warning("SIGTERM: saving a checkpoint at the end of this step, then exiting")
+    logging.warning("SIGTERM: saving a checkpoint at the end of this step (at once if waiting for input or a "
+                    "compile), then exiting")
+
+  def signalled(self) -> bool:
+    """This process's own SIGTERM flag (one process only: several stop together at the step they agree on)."""
+    return self._signalled
 
   def reached(self, step: int) -> bool:
     return self._signalled or self._checkpointer.reached_preemption(step)
