@@ -753,3 +753,26 @@ def test_sigterm_while_input_stalls_saves_and_exits_within_seconds_then_resumes(
   assert run.finish() == 0, run.log()[-3000:]
   assert "resuming from step 2" in run.log() and checkpoint_steps(workdir)[-1] == 4
   print(f"SIGTERM while waiting for the third batch: step 2 saved, exit 0 after {grace:.1f}s; resumed from step 2")
+
+
+def test_waiting_for_the_first_batch_is_logged_and_gives_way_to_a_stop(data_dir, monkeypatch, caplog):
+  """A train split whose reads take 20 s each: a log line every WAIT_LOG_SECS, and get() returns None once its
+  stop callback says so."""
+  read = pipeline._read  # pylint: disable=protected-access
+
+  def slow_read(config, split, shuffle_seed):
+    return read(config, split, shuffle_seed).map(
+        lambda ex: {k: tf.identity(v) for k, v in ex.items()} | {"label": tf.py_function(
+            lambda label: time.sleep(20) or label, [ex["label"]], tf.int64)})
+
+  monkeypatch.setattr(pipeline, "_read", slow_read)
+  monkeypatch.setattr(pipeline, "WAIT_LOG_SECS", 1)
+  config = run_config(data_dir, 4)
+  batches = pipeline.train_dataset(config, local_batch=32, start_step=0, process_index=0, process_count=1)
+  started = time.time()
+  with caplog.at_level("INFO"):
+    assert batches.get(stop=lambda: time.time() > started + 3.5) is None
+  batches.close()
+  waits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("waiting for")]
+  assert len(waits) >= 2 and all(re.fullmatch(r"waiting for the first batch for \ds: \d+ examples read, 0 dropped",
+                                              m) for m in waits), waits
