@@ -157,7 +157,7 @@ class TrainBatches:
     self._shards, self._stop = shards or [], stop
     self._requests, self._results = queue.Queue(), queue.Queue()
     self._pending = False  # a request not yet answered
-    self._first_error = None
+    self._first_error, self._closed = None, False
     self._marks = self._counts()  # (read, decoded) per shard when the last batch was delivered
     self.skipped = 0
     threading.Thread(target=_fetch, args=(self._iterators, self._requests, self._results), daemon=True,
@@ -171,6 +171,8 @@ class TrainBatches:
 
   def get(self, stop: Callable[[], bool] | None = None) -> dict | None:
     """The next batch; None if `stop()` became true while it was awaited (the batch is then the next call's)."""
+    if self._closed:
+      raise StopIteration
     if not self._pending:
       self._requests.put(True)
       self._pending = True
@@ -223,9 +225,19 @@ class TrainBatches:
     return self._first_error
 
   def close(self) -> None:
-    """Ends the input pipelines, so that the fetching thread returns even from a stream that drops everything."""
+    """Ends the input pipelines and the fetching thread, even one waiting on a stream that drops everything."""
+    if self._closed:
+      return
+    self._closed = True
     if self._stop is not None:
       self._stop.assign(True)
+    self._requests.put(False)
+
+  def __del__(self):
+    try:
+      self.close()
+    except Exception:  # pylint: disable=broad-except  (an unfinished __init__, or TensorFlow torn down at exit)
+      pass
 
 
 def _clean(message: str) -> str:
