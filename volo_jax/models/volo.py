@@ -123,9 +123,22 @@ class VOLO(nnx.Module):
     """images (B, H, W, in_chans) → normalised (B, 1 + H/16·W/16, C) token sequence, class token first."""
     return self._class_tokens(self._stages(self.patch_embed(images)))
 
+  def forward_stage_maps(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """images (B, H, W, in_chans) → the outlooker stage's (B, H/8, W/8, C0) map and the last transformer stage's
+    (B, H/16, W/16, C) map through the final `norm`, for dense heads. Class attention leaves patch tokens as they
+    are, so the /16 map is the normalised one the token-labeling aux head reads.
+
+    No class-attention blocks or heads run; the /8 map is not normalised.
+    """
+    x8 = self._stage(self.network[0], self.patch_embed(images))
+    return x8, self.norm(self._transformer_stages(x8))
+
   def _stages(self, x: jax.Array) -> jax.Array:
     """Stem output (B, H/8, W/8, C0) → the last transformer stage's (B, H/16, W/16, C) map."""
-    x = self._stage(self.network[0], x)  # outlookers, (B, H/8, W/8, C0)
+    return self._transformer_stages(self._stage(self.network[0], x))  # outlookers, (B, H/8, W/8, C0)
+
+  def _transformer_stages(self, x: jax.Array) -> jax.Array:
+    """The outlooker stage's (B, H/8, W/8, C0) map → downsample, position embedding, transformer stages."""
     x = self.network[1](x)  # (B, H/16, W/16, C)
     x = self.pos_drop(x + self.pos_embed[...])
     for stage in self.network[2:]:

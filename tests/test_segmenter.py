@@ -1,0 +1,113 @@
+"""VOLO + UperNet: the backbone's stage maps against timm's forward_intermediates, weight conversion both ways
+(transformers' heads load their parts strictly), scanned blocks and bfloat16."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from torch_reference import converted_volo, nhwc_batch, randomised_timm_volo, relative_error, torch
+from volo_jax.convert import segmenter as convert
+from volo_jax.models.segmenter import create_segmenter
+
+modeling_upernet = pytest.importorskip("transformers.models.upernet.modeling_upernet")
+UperNetConfig = pytest.importorskip("transformers").UperNetConfig
+
+CROP, CLASSES = 64, 5
+SMALL = dict(channels=32, aux_channels=16)  # head widths: the math does not depend on them
+
+
+def _segmenter(seed=0, **kwargs):
+  return create_segmenter("volo_tiny", CLASSES, img_size=CROP, seed=seed, **SMALL, **kwargs)
+
+
+def test_stage_maps_match_timm_intermediates():
+  """/8 = the outlooker stage's output, /16 = the last stage's through the final norm (timm's norm=True)."""
+  reference = randomised_timm_volo("volo_tiny", img_size=CROP)
+  model = converted_volo(reference, "volo_tiny")
+  model.eval()
+  images = nhwc_batch(2, CROP, seed=5)
+  with torch.no_grad():
+    maps = reference.forward_intermediates(torch.from_numpy(images).permute(0, 3, 1, 2), norm=True,
+                                           intermediates_only=True)
+  x8, x16 = nnx.jit(lambda m, x: m.forward_stage_maps(x))(model, jnp.asarray(images))
+  assert x8.shape == (2, CROP // 8, CROP // 8, 64) and x16.shape == (2, CROP // 16, CROP // 16, 128)
+  assert relative_error(x8, maps[0].permute(0, 2, 3, 1).numpy()) <= 1e-4
+  assert relative_error(x16, maps[-1].permute(0, 2, 3, 1).numpy()) <= 1e-4
+
+
+def _randomised_state(model, seed: int) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  tensors = {}
+  for key, value in convert.state_dict(model).items():
+    if key.endswith("num_batches_tracked"):
+      tensors[key] = value
+    elif key.endswith("running_var"):
+      tensors[key] = (0.5 + rng.random(value.shape)).astype(np.float32)
+    else:
+      tensors[key] = (value + 0.05 * rng.standard_normal(value.shape)).astype(np.float32)
+  return tensors
+
+
+def test_state_dict_round_trip_and_transformers_heads_load_strictly():
+  model = _segmenter(seed=0)
+  tensors = _randomised_state(model, seed=1)
+  assert {k.split(".")[0] for k in tensors} == {"backbone", "neck", "decode_head", "auxiliary_head"}
+  assert not any(k.startswith(("backbone.cls_token", "backbone.post_network")) for k in tensors)
+  other = _segmenter(seed=2)
+  report = convert.load_state_dict(other, tensors)
+  assert not report.left_at_init and all(k.endswith("num_batches_tracked") for k in report.ignored)
+  back = convert.state_dict(other)
+  assert back.keys() == tensors.keys()
+  for key, value in tensors.items():
+    np.testing.assert_array_equal(back[key], value, err_msg=key)
+
+  config = UperNetConfig(hidden_size=SMALL["channels"], pool_scales=[1, 2, 3, 6],
+                         auxiliary_channels=SMALL["aux_channels"], auxiliary_num_convs=1,
+                         auxiliary_concat_input=False, num_labels=CLASSES)
+  levels = list(other.neck.channels)
+  for prefix, head in (("decode_head.", modeling_upernet.UperNetHead(config, in_channels=levels)),
+                       ("auxiliary_head.", modeling_upernet.UperNetFCNHead(config, in_channels=levels))):
+    part = {k[len(prefix):]: torch.from_numpy(v) for k, v in tensors.items() if k.startswith(prefix)}
+    head.load_state_dict(part, strict=True)
+
+  with pytest.raises(Exception, match="does not have"):
+    convert.load_state_dict(other, {**tensors, "decode_head.extra.weight": np.zeros(1, np.float32)})
+
+
+def test_classification_checkpoint_loads_into_the_backbone():
+  """A 224 ImageNet-style checkpoint: class path and heads dropped, pos_embed resized to crop/16."""
+  reference = randomised_timm_volo("volo_tiny", img_size=224)
+  tensors = {k: v.numpy() for k, v in reference.state_dict().items()}
+  model = _segmenter()
+  report = convert.load_backbone_state_dict(model, tensors)
+  assert report.resized and any(k.startswith("post_network.") for k in report.ignored)
+  assert model.backbone.pos_embed.shape == (1, CROP // 16, CROP // 16, 128)
+  np.testing.assert_array_equal(model.backbone.network[1].proj.kernel[...],
+                                tensors["network.1.proj.weight"].transpose(2, 3, 1, 0))
+
+
+def test_scanned_and_bfloat16_segmenters():
+  """scan_blocks=True gives the per-layer model's outputs from the same weights; a bfloat16 forward runs and
+  stays close; forward_train returns the /4 and /16 logits."""
+  plain = _segmenter()
+  tensors = _randomised_state(plain, seed=3)
+  convert.load_state_dict(plain, tensors)
+  scanned = _segmenter(scan_blocks=True)
+  convert.load_state_dict(scanned, tensors)
+  half = _segmenter(dtype=jnp.bfloat16)
+  convert.load_state_dict(half, tensors)
+  images = jnp.asarray(nhwc_batch(2, CROP, seed=6))
+  outputs = []
+  for model in (plain, scanned, half):
+    model.eval()
+    outputs.append(nnx.jit(lambda m, x: m(x))(model, images))
+  assert outputs[0].shape == (2, CROP // 4, CROP // 4, CLASSES) and outputs[2].dtype == jnp.float32
+  assert relative_error(outputs[1], outputs[0]) <= 1e-5
+  assert relative_error(outputs[2], outputs[0]) <= 0.1
+  scanned.train()
+  main, aux = nnx.jit(lambda m, x: m.forward_train(x))(scanned, images)
+  assert main.shape == (2, CROP // 4, CROP // 4, CLASSES) and aux.shape == (2, CROP // 16, CROP // 16, CLASSES)
+  assert np.isfinite(np.asarray(main)).all() and np.isfinite(np.asarray(aux)).all()
+  assert jax.tree.leaves(nnx.state(scanned.decode_head, nnx.BatchStat))  # running statistics exist to update
