@@ -111,3 +111,48 @@ def test_scanned_and_bfloat16_segmenters():
   assert main.shape == (2, CROP // 4, CROP // 4, CLASSES) and aux.shape == (2, CROP // 16, CROP // 16, CLASSES)
   assert np.isfinite(np.asarray(main)).all() and np.isfinite(np.asarray(aux)).all()
   assert jax.tree.leaves(nnx.state(scanned.decode_head, nnx.BatchStat))  # running statistics exist to update
+
+
+class _TorchSegmenter(torch.nn.Module):
+  """The PyTorch composite our segmenter mirrors: timm VOLO's stage maps, the pyramid, transformers' heads."""
+
+  def __init__(self, backbone, levels):
+    super().__init__()
+    config = UperNetConfig(hidden_size=SMALL["channels"], pool_scales=[1, 2, 3, 6],
+                           auxiliary_channels=SMALL["aux_channels"], auxiliary_num_convs=1,
+                           auxiliary_concat_input=False, num_labels=CLASSES)
+    self.backbone = backbone
+    self.neck = torch.nn.Module()
+    self.neck.up = torch.nn.ConvTranspose2d(levels[0], levels[0], 2, stride=2)
+    self.decode_head = modeling_upernet.UperNetHead(config, in_channels=list(levels))
+    self.auxiliary_head = modeling_upernet.UperNetFCNHead(config, in_channels=list(levels))
+
+  def forward(self, images):
+    maps = self.backbone.forward_intermediates(images, norm=True, intermediates_only=True)
+    x8, x16 = maps[0], maps[-1]
+    levels = [self.neck.up(x8), x8, x16, torch.nn.functional.max_pool2d(x16, 2)]
+    return self.decode_head(levels), self.auxiliary_head(levels)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_segmenter_matches_torch_composite(train):
+  """The whole model from one state dict: decode and aux logits ≤ 1e-4 relative, eval and train (batch stats)."""
+  model = _segmenter(dropout_rate=0.0)  # transformers' heads have no dropout
+  tensors = _randomised_state(model, seed=7)
+  convert.load_state_dict(model, tensors)
+  reference = _TorchSegmenter(randomised_timm_volo("volo_tiny", img_size=CROP), model.neck.channels)
+  sd = {k: torch.from_numpy(v) for k, v in tensors.items()}
+  backbone_sd = {k.removeprefix("backbone."): v for k, v in sd.items() if k.startswith("backbone.")}
+  missing = reference.backbone.load_state_dict(backbone_sd, strict=False).missing_keys
+  assert all(k.startswith(("cls_token", "post_network.", "head.", "aux_head.")) for k in missing)
+  reference.load_state_dict({**reference.state_dict(), **sd}, strict=True)
+  reference.train(train)
+  model.train() if train else model.eval()
+  images = nhwc_batch(2, CROP, seed=8)
+  with torch.no_grad():
+    ref_main, ref_aux = reference(torch.from_numpy(images).permute(0, 3, 1, 2))
+  main, aux = nnx.jit(lambda m, x: m.forward_train(x))(model, jnp.asarray(images))
+  main_error = relative_error(main, ref_main.permute(0, 2, 3, 1).numpy())
+  aux_error = relative_error(aux, ref_aux.permute(0, 2, 3, 1).numpy())
+  print(f"segmenter {'train' if train else 'eval'}: decode {main_error:.2e}, aux {aux_error:.2e}")
+  assert main_error <= 1e-4 and aux_error <= 1e-4
