@@ -104,6 +104,14 @@ def _decode_any(image_bytes):
   return tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
 
 
+_SIGNATURES = (b"\xff\xd8", b"\x89PNG", b"GIF8", b"BM")  # JPEG, PNG, GIF, BMP: the formats decode_image reads
+
+
+def _is_image(image_bytes):
+  """Whether the bytes start with the signature of a format that `_decode_any` reads."""
+  return tf.reduce_any(tf.stack([tf.strings.substr(image_bytes, 0, len(s)) == s for s in _SIGNATURES]))
+
+
 def _decode_eval(example, config):
   image = _decode_any(example["image"])
   image = transforms.eval_transform(image, config.model.img_size, config.data.crop_pct)
@@ -312,14 +320,14 @@ def _num_examples(config, split: str) -> int:
 
 def _decode_counted(example, seed, config, labels, counters=None):
   """decode_train, counting the examples that enter it and those that come out (a failing one raises between).
-  Bytes that are no JPEG at all fail a check of the start marker first: one clear error, and libjpeg does not
-  print a line for each such image."""
+  Bytes that are no JPEG, PNG, GIF or BMP at all fail a check of the start marker first: one clear error, and
+  libjpeg does not print a line for each such image."""
   image = example["image"]
   if counters is not None:
     with tf.control_dependencies([counters[0].assign_add(1)]):
       image = tf.identity(image)
-  is_jpeg = tf.strings.substr(image, 0, 2) == b"\xff\xd8"
-  with tf.control_dependencies([tf.debugging.Assert(is_jpeg, ["not a JPEG: the bytes do not start with FF D8"])]):
+  with tf.control_dependencies([tf.debugging.Assert(_is_image(image), ["not an image: the bytes start with no JPEG, "
+                                                                        "PNG, GIF or BMP signature"])]):
     example = dict(example, image=tf.identity(image))
   out = decode_train(example, seed, config, labels)
   if counters is None:
