@@ -38,6 +38,23 @@ def test_loss_matches_torch(logit_size, label_size):
                              _torch_ce(logits, labels), rtol=1e-5)
 
 
+def test_loss_gradient_matches_torch():
+  """d loss / d logits through the resize (the gathers' transpose) and the masked mean, main and aux."""
+  rng = np.random.default_rng(3)
+  logits = rng.standard_normal((2, 6, 10, CLASSES), np.float32)
+  aux = rng.standard_normal((2, 3, 5, CLASSES), np.float32)
+  labels = _labels((2, 24, 40), rng)
+  ref = [torch.from_numpy(x).requires_grad_() for x in (logits, aux)]
+  torch_labels = torch.from_numpy(labels).long()
+  total = sum(w * F.cross_entropy(F.interpolate(x.permute(0, 3, 1, 2), size=(24, 40), mode="bilinear",
+                                                align_corners=False), torch_labels, ignore_index=255)
+              for w, x in zip((1.0, 0.4), ref))
+  total.backward()
+  grads = jax.grad(sm.segmentation_loss, argnums=(0, 1))(jnp.asarray(logits), jnp.asarray(aux), jnp.asarray(labels))
+  for ours, theirs in zip(grads, ref):
+    np.testing.assert_allclose(np.asarray(ours), theirs.grad.numpy(), rtol=1e-4, atol=1e-7)
+
+
 def test_loss_of_all_ignored_labels_is_zero():
   labels = jnp.full((1, 8, 8), 255, jnp.uint8)
   assert float(sm.cross_entropy(jnp.zeros((1, 4, 4, CLASSES)), labels)) == 0.0
