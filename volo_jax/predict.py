@@ -1,8 +1,13 @@
-"""Top-5 ImageNet predictions for image files.
+"""Top-5 predictions for image files, with the class names of the weights.
 
-  python -m volo_jax.predict --model volo_d1 --weights SRC IMAGE [IMAGE ...]
+  python -m volo_jax.predict --model volo_d1_224.sail_in1k IMAGE [IMAGE ...]        # released weights by name
+  python -m volo_jax.predict --weights WORKDIR_OR_DIR IMAGE [IMAGE ...]              # a fine-tuned model
+  python -m volo_jax.predict --model volo_d1 --weights SRC IMAGE [IMAGE ...]         # a weights file
 
-SRC is an official/timm .pth(.tar), a .safetensors file, or a directory written by `volo_jax.convert torch2flax`.
+--model is a Hub name (hf-hub:<owner>/<repo>, volo_d1_224.sail_in1k: fetched into the Hugging Face cache) or, with
+a weights file, its architecture. --weights is a training workdir (class count, image size, crop_pct and the
+dataset's class names from its config.json), a `volo_jax.convert torch2flax` directory, or an official/timm
+.pth(.tar) or .safetensors file (ImageNet's 1000 classes).
 """
 
 import argparse
@@ -15,12 +20,9 @@ import numpy as np
 import tensorflow as tf
 from flax import nnx
 
-from volo_jax import cpu
-from volo_jax.convert.flax_io import is_model_checkpoint, restore_weights
-from volo_jax.convert.mapping import load_torch_weights
+from volo_jax import cpu, sources
 from volo_jax.convert.torch_io import CheckpointError
 from volo_jax.data.transforms import eval_transform
-from volo_jax.models import create_model, default_crop_pct, parse_model_name
 
 
 def imagenet_class_names() -> list[str]:
@@ -40,6 +42,15 @@ def imagenet_class_names() -> list[str]:
   return [lemmas.get(wnid, wnid) for wnid in wnids]
 
 
+def class_names(source: sources.Source) -> list[str]:
+  """The weights' own names; ImageNet's for 1000 classes without names; else the class indices."""
+  if source.label_names:
+    return list(source.label_names)
+  if source.num_classes == 1000:
+    return imagenet_class_names()
+  return [f"class {i}" for i in range(source.num_classes)]
+
+
 def load_image(path: str, img_size: int, crop_pct: float) -> np.ndarray:
   data = tf.io.read_file(path)
   image = tf.io.decode_image(data, channels=3, expand_animations=False)
@@ -49,23 +60,22 @@ def load_image(path: str, img_size: int, crop_pct: float) -> np.ndarray:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m volo_jax.predict", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--model", required=True)
-  parser.add_argument("--weights", required=True)
+  parser.add_argument("--model", default=None, help="a Hub name, or the architecture of a weights file")
+  parser.add_argument("--weights", default=None, help="a training workdir, a converted directory or a file")
   parser.add_argument("--img-size", type=int, default=None)
   parser.add_argument("--crop-pct", type=float, default=None)
   parser.add_argument("--top", type=int, default=5)
   parser.add_argument("images", nargs="+")
   args = parser.parse_args(argv)
   try:
-    variant, name_size = parse_model_name(args.model)
-    img_size = args.img_size or name_size or 224
-    model = create_model(variant, img_size=img_size)
-    if is_model_checkpoint(args.weights):
-      restore_weights(model, args.weights)
-    else:
-      load_torch_weights(model, args.weights)
-    batch = np.stack([load_image(p, img_size, args.crop_pct or default_crop_pct(variant, img_size))
-                      for p in args.images])
+    source = sources.describe(args.weights, args.model, args.img_size)
+    img_size = args.img_size or source.img_size
+    for path in args.images:
+      if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such image file")
+    model = sources.build(source, img_size=img_size)
+    batch = np.stack([load_image(p, img_size, args.crop_pct or source.crop_pct) for p in args.images])
+    names = class_names(source)
   except (CheckpointError, ValueError, tf.errors.OpError) as e:
     print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
     return 2
@@ -76,7 +86,6 @@ def main(argv=None) -> int:
   graphdef, state = nnx.split(model)
   forward = (cpu.jit if on_cpu else jax.jit)(lambda state, x: nnx.merge(graphdef, state)(x))
   probs = np.asarray(jax.nn.softmax(forward(state, batch), axis=-1))
-  names = imagenet_class_names()
   for path, p in zip(args.images, probs):
     print(path)
     for idx in np.argsort(-p)[:args.top]:

@@ -253,7 +253,11 @@ def _first_line(e: Exception) -> str:
 
 def load_pretrained(model, path: str) -> mapping.LoadReport:
   """Fills `model` from a PyTorch file (.pth/.pth.tar/.safetensors), a `volo_jax.convert torch2flax` directory,
-  or a training workdir of ours; pos_embed is resized and heads reset as the official fine-tuning loader does."""
+  or a training workdir of ours, or a Hub name (hf-hub:<repo>, volo_d1_224.sail_in1k: the cached download); pos_embed
+  is resized and heads reset as the official fine-tuning loader does."""
+  from volo_jax import hub  # pylint: disable=import-outside-toplevel
+  if hub.is_hub_name(path):
+    path = hub.weights_file(path)
   if flax_io.is_model_checkpoint(path):
     source = flax_io.load_model_checkpoint(path)
   elif os.path.isfile(os.path.join(path, CONFIG_JSON)):

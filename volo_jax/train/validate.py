@@ -26,7 +26,8 @@ def check_config(config, *, for_training: bool = True) -> None:
   if config.finetune and not config.init_from:
     raise ConfigError(f"{config.experiment or 'this experiment'} fine-tunes a pretrained model: "
                       "set --config.init_from=<workdir, converted dir or .pth.tar>")
-  if config.init_from and "://" not in config.init_from and not os.path.exists(config.init_from):
+  if (config.init_from and "://" not in config.init_from and not config.init_from.startswith("hf-hub:")
+      and not os.path.exists(config.init_from)):
     raise ConfigError(f"init_from {config.init_from}: no such file or directory")
   _choice("nonfinite", config.nonfinite, NONFINITE_MODES)
   _choice("cpu.dots", config.cpu.dots, xla.CHOICES)
