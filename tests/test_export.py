@@ -12,7 +12,7 @@ import pytest
 
 import volo_jax
 from configs import digits
-from volo_jax import predict
+from volo_jax import export, predict
 from volo_jax.convert import __main__ as convert_cli
 from volo_jax.convert.flax_io import save_model_checkpoint
 from volo_jax.data import digits_folder, folder
@@ -80,3 +80,33 @@ def test_export_bad_input_is_one_line_exit_2_and_writes_nothing(folder_workdir, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and words in err[0], err
   assert sorted(os.listdir(tmp_path)) == ["taken"]
+
+
+def test_jax_export_runs_without_volo_jax_at_batch_1_and_3(tmp_path, capsys):
+  model = volo_jax.create_model("volo_tiny", img_size=32, num_classes=5, seed=5)
+  save_model_checkpoint(model, str(tmp_path / "converted"), model_name="volo_tiny", img_size=32)
+  out = str(tmp_path / "volo.jaxexport")
+  assert export.main([str(tmp_path / "converted"), out, "--platforms", "cpu,cuda,tpu"]) == 0
+  with open(out + ".json") as f:
+    assert json.load(f)["img_size"] == 32
+  x = np.random.default_rng(1).standard_normal((3, 32, 32, 3)).astype(np.float32)
+  model.eval()
+  expected = np.asarray(model(x))
+  np.save(str(tmp_path / "x.npy"), x)
+  script = ("import sys, numpy as np, jax\n"
+            "exported = jax.export.deserialize(bytearray(open(sys.argv[1], 'rb').read()))\n"
+            "x = np.load(sys.argv[2])\n"
+            "np.save(sys.argv[3], np.concatenate([exported.call(x[:1]), exported.call(x)]))\n"
+            "assert not [m for m in sys.modules if m.startswith('volo_jax')]\n")
+  run = subprocess.run([sys.executable, "-c", script, out, str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
+                       capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+  assert run.returncode == 0, run.stderr[-2000:]
+  logits = np.load(str(tmp_path / "y.npy"))
+  np.testing.assert_allclose(logits[:1], expected[:1], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(logits[1:], expected, rtol=1e-5, atol=1e-5)
+  capsys.readouterr()
+  assert export.main([str(tmp_path / "converted"), out]) == 2  # exists
+  assert export.main([str(tmp_path / "converted"), str(tmp_path / "b.jaxexport"), "--platforms", "gpu"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 2 and "already exists" in err[0] and "--platforms gpu" in err[1]
+  assert not os.path.exists(tmp_path / "b.jaxexport")
