@@ -594,7 +594,7 @@ def test_damaged_latest_checkpoint_stops_naming_the_intact_one(kind, how, saved_
 
 
 def test_fallback_and_resume_step_restore_the_intact_checkpoint_setting_the_later_aside(saved_run, data_dir,
-                                                                                       tmp_path):
+                                                                                       tmp_path, caplog):
   config = run_config(data_dir, 4)
   run = loop.describe_run(config)
   expected = restore(saved_run[0], config, 2)
@@ -604,8 +604,15 @@ def test_fallback_and_resume_step_restore_the_intact_checkpoint_setting_the_late
     if name == "fallback":
       _damage(_state_file(os.path.join(workdir, "checkpoints", "4"), "ocdbt.process_0/d/*"), "bit-flipped")
     ckpt = checkpoint.Checkpointer(workdir, config)
+    caplog.clear()
     state = ckpt.resume(run.abstract_state, **options)
     ckpt.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings[-1].startswith("checkpoints of steps [4] moved to ")
+    if name == "fallback":
+      assert re.fullmatch(r"the checkpoint of step 4 in .* is damaged: default/ocdbt.process_0/d/\w+ does not match "
+                          r"the SHA-256 .*; falling back to an earlier one \(on_corrupt_checkpoint=fallback\)",
+                          warnings[0]), warnings
     assert_states_equal(jax.tree.map(np.asarray, jax.device_get(state)), expected)
     assert checkpoint_steps(workdir) == [1, 2]
     assert os.listdir(os.path.join(workdir, checkpoint.SET_ASIDE_DIR)) == ["4"]

@@ -22,14 +22,7 @@ CHECKPOINT_DIR = "checkpoints"
 CONFIG_JSON = "config.json"
 INTEGRITY_JSON = "integrity.json"  # in each step's directory: size and SHA-256 of every file of the saved state
 SET_ASIDE_DIR = "checkpoints_set_aside"  # damaged or superseded steps are moved here, never deleted
-ON_CORRUPT_MODES = ("stop", "fallback")
 NO_RECORD = "no integrity record"
-
-
-def newest_intact(directory: str, steps, below: int) -> int | None:
-  """The newest of `steps` before `below` whose files verify (or that has no record to verify against)."""
-  return next((s for s in sorted(steps, reverse=True)
-               if s < below and verify_integrity(os.path.join(directory, str(s))) in (None, NO_RECORD)), None)
 
 
 # ------------------------------------------------------------------------------------------- integrity
@@ -90,6 +83,11 @@ def verify_integrity(step_dir: str) -> str | None:
   return None
 
 
+def newest_intact(directory: str, steps, below: int) -> int | None:
+  """The newest of `steps` before `below` whose files verify (or that has no record to verify against)."""
+  return next((s for s in sorted(steps, reverse=True)
+               if s < below and verify_integrity(os.path.join(directory, str(s))) in (None, NO_RECORD)), None)
+
 
 def has_checkpoint(workdir: str) -> bool:
   """Whether the workdir holds a finished checkpoint (orbax names those by their step; partial ones carry a
@@ -116,7 +114,8 @@ class Checkpointer:
   A step's checkpoint is written to a temporary directory and renamed when complete, so a crash or a full disk
   mid-save leaves the earlier checkpoints as they were and `latest_step` never names a partial one. Write
   failures (also those of an earlier asynchronous save, which surface at the next save or wait) become a
-  CheckpointWriteError that names the step.
+  CheckpointWriteError that names the step. Each step carries an integrity record that `restore` checks first:
+  a damaged checkpoint is never restored (CheckpointCorruptError names the newest intact one).
   """
 
   def __init__(self, workdir: str, config):
@@ -146,13 +145,19 @@ class Checkpointer:
     """abstract_state: ShapeDtypeStructs carrying the target shardings (the mesh may differ from the writer's).
     The step's files are verified against its integrity record first; CheckpointCorruptError when they differ
     or do not read."""
+    try:
+      return self._restore_verified(step, abstract_state)
+    except _Damaged as e:
+      raise CheckpointCorruptError(self._damaged(step, str(e))) from None
+
+  def _restore_verified(self, step: int, abstract_state):
     problem = self.check(step)
     if problem:
-      raise CheckpointCorruptError(self._damaged(step, problem))
+      raise _Damaged(problem)
     try:
       return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
     except Exception as e:  # orbax/tensorstore raise many types for unreadable files
-      raise CheckpointCorruptError(self._damaged(step, f"cannot be read: {_first_line(e)}")) from None
+      raise _Damaged(f"cannot be read: {_first_line(e)}") from None
 
   def check(self, step: int) -> str | None:
     """What is wrong with the step's files (None: intact, or written before integrity records: noted)."""
@@ -183,11 +188,12 @@ class Checkpointer:
       return state
     for step in steps:
       try:
-        state = self.restore(step, abstract_state)
-      except CheckpointCorruptError as e:
+        state = self._restore_verified(step, abstract_state)
+      except _Damaged as e:
         if on_corrupt == "stop":
-          raise
-        logging.warning("%s: falling back", e)
+          raise CheckpointCorruptError(self._damaged(step, str(e))) from None
+        logging.warning("the checkpoint of step %d in %s is damaged: %s; falling back to an earlier one "
+                        "(on_corrupt_checkpoint=fallback)", step, self.directory, e)
         continue
       self._set_aside([s for s in steps if s > step], f"damaged: resumed from step {step}")
       return state
@@ -245,6 +251,10 @@ class Checkpointer:
       kept = [s for s in self.manager.all_steps() if s != step] if os.path.isdir(self.directory) else []
       raise CheckpointWriteError(f"cannot write the checkpoint of step {step} in {self.directory}: "
                                  f"{_first_line(e)}; the checkpoints of steps {kept or 'none'} are intact") from e
+
+
+class _Damaged(Exception):
+  """What is wrong with a checkpoint's files, inside Checkpointer."""
 
 
 def _first_line(e: Exception) -> str:
