@@ -83,3 +83,16 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path):
     last = run.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and words in last, run.stderr
   assert sorted(os.listdir(data)) == ["taken"]
+
+
+def test_the_finetune_config_needs_a_dataset_and_takes_a_hub_name_as_init_from():
+  from configs import finetune  # pylint: disable=import-outside-toplevel
+  from volo_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  from volo_jax.train import validate  # pylint: disable=import-outside-toplevel
+  config = finetune.get_config("volo_d1_384")
+  assert (config.model.name, config.model.img_size, config.data.crop_pct) == ("volo_d1", 384, 1.0)
+  config.init_from = "hf-hub:timm/volo_d1_384.sail_in1k"
+  with pytest.raises(ConfigError, match="data.dataset is empty"):
+    validate.check_config(config)
+  config.data.dataset = "my_images"
+  validate.check_config(config)  # a Hub name needs no local file

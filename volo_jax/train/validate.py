@@ -29,6 +29,9 @@ def check_config(config, *, for_training: bool = True) -> None:
   if (config.init_from and "://" not in config.init_from and not config.init_from.startswith("hf-hub:")
       and not os.path.exists(config.init_from)):
     raise ConfigError(f"init_from {config.init_from}: no such file or directory")
+  if not config.data.dataset:
+    raise ConfigError("data.dataset is empty: set --config.data.dataset=<a TFDS name>, e.g. one written by "
+                      "`python -m volo_jax.data.folder`")
   _choice("nonfinite", config.nonfinite, NONFINITE_MODES)
   _choice("cpu.dots", config.cpu.dots, xla.CHOICES)
   if config.eval_every_epochs < 0 or config.log_every_steps <= 0 or config.checkpoint_every_steps <= 0:
