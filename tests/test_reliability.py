@@ -533,6 +533,12 @@ def saved_run(data_dir, cache_env, tmp_path_factory):
   return workdir, lines.lines
 
 
+@pytest.fixture(scope="module")
+def abstract_state(data_dir):
+  """The restore target of the runs' train state."""
+  return loop.describe_run(run_config(data_dir, 4)).abstract_state
+
+
 PARTLY_CORRUPT = {"data.dataset": "volo_partly_corrupt", "data.train_split": "train", "data.eval_split": "train"}
 
 
@@ -569,19 +575,18 @@ STATE_FILES = ("ocdbt.process_0/d/*", "d/*", "manifest.ocdbt", "ocdbt.process_0/
 
 @pytest.mark.parametrize("how", ("truncated", "bit-flipped"))
 @pytest.mark.parametrize("kind", STATE_FILES)
-def test_damaged_latest_checkpoint_stops_naming_the_intact_one(kind, how, saved_run, data_dir, tmp_path):
+def test_damaged_latest_checkpoint_stops_naming_the_intact_one(kind, how, saved_run, abstract_state, data_dir,
+                                                               tmp_path):
   """The default ('stop'): one line naming the step, the directory, the bad file and the intact step; nothing in
   the workdir changes."""
   workdir = str(tmp_path / "run")
   shutil.copytree(saved_run[0], workdir)
   path = _state_file(os.path.join(workdir, "checkpoints", "4"), kind)
   _damage(path, how)
-  config = run_config(data_dir, 4)
-  run = loop.describe_run(config)
   before = _tree(workdir)
-  ckpt = checkpoint.Checkpointer(workdir, config)
+  ckpt = checkpoint.Checkpointer(workdir, run_config(data_dir, 4))
   with pytest.raises(errors.CheckpointCorruptError) as raised:
-    ckpt.resume(run.abstract_state)
+    ckpt.resume(abstract_state)
   ckpt.close()
   message = str(raised.value)
   assert "\n" not in message
