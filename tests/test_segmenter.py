@@ -156,3 +156,31 @@ def test_segmenter_matches_torch_composite(train):
   aux_error = relative_error(aux, ref_aux.permute(0, 2, 3, 1).numpy())
   print(f"segmenter {'train' if train else 'eval'}: decode {main_error:.2e}, aux {aux_error:.2e}")
   assert main_error <= 1e-4 and aux_error <= 1e-4
+
+
+@pytest.mark.parametrize("size", [(64, 112), (80, 112)])
+def test_slide_logits_match_mmseg_loop(size):
+  """mmseg's slide_inference loop written out: one window at a time, F.interpolate to the crop, summed, averaged."""
+  from volo_jax.models.segmenter import slide_logits  # pylint: disable=import-outside-toplevel
+  model = _segmenter()
+  model.eval()
+  height, width = size
+  images = np.random.default_rng(9).standard_normal((2, height, width, 3)).astype(np.float32)
+  stride = 48
+  forward = nnx.jit(lambda m, x: m(x))
+  preds = np.zeros((2, CLASSES, height, width), np.float32)
+  count = np.zeros((1, 1, height, width), np.float32)
+  h_grids = max(height - CROP + stride - 1, 0) // stride + 1
+  w_grids = max(width - CROP + stride - 1, 0) // stride + 1
+  for h_idx in range(h_grids):
+    for w_idx in range(w_grids):
+      y1, x1 = h_idx * stride, w_idx * stride
+      y2, x2 = min(y1 + CROP, height), min(x1 + CROP, width)
+      y1, x1 = max(y2 - CROP, 0), max(x2 - CROP, 0)
+      logits = torch.from_numpy(np.array(forward(model, jnp.asarray(images[:, y1:y2, x1:x2])))).permute(0, 3, 1, 2)
+      preds[:, :, y1:y2, x1:x2] += torch.nn.functional.interpolate(logits, size=(CROP, CROP), mode="bilinear",
+                                                                   align_corners=False).numpy()
+      count[:, :, y1:y2, x1:x2] += 1
+  assert h_grids * w_grids > 1 and count.min() >= 1
+  ours = nnx.jit(slide_logits, static_argnums=(2, 3))(model, jnp.asarray(images), CROP, stride)
+  assert relative_error(ours, (preds / count).transpose(0, 2, 3, 1)) <= 1e-5

@@ -3,6 +3,7 @@ the UperNet decode head and the auxiliary FCN head (the paper's transfer claim; 
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from volo_jax.models import upernet
@@ -56,3 +57,32 @@ def create_segmenter(name: str, num_classes: int, *, img_size: int | tuple[int, 
   16) + UperNet with freshly initialised parameters; kwargs go to VoloUperNet."""
   variant_name, _ = parse_model_name(name)
   return VoloUperNet(variant_name, num_classes, img_size=img_size, rngs=nnx.Rngs(seed), **kwargs)
+
+
+def window_boxes(height: int, width: int, crop: int, stride: int) -> list[tuple[int, int]]:
+  """Top-left corners of mmseg's sliding windows over an image of at least crop × crop: a grid of `stride` steps,
+  the last row and column pulled back to end at the image's edge."""
+  def starts(size):
+    grids = max(size - crop + stride - 1, 0) // stride + 1
+    return [max(min(i * stride + crop, size) - crop, 0) for i in range(grids)]
+  return [(y, x) for y in starts(height) for x in starts(width)]
+
+
+def slide_logits(model: VoloUperNet, images: jax.Array, crop: int, stride: int) -> jax.Array:
+  """mmseg's slide inference: images (B, H, W, 3) with H, W ≥ crop → logits (B, H, W, classes), float32, the
+  mean over the windows covering each pixel of each window's logits resized to the crop (bilinear).
+
+  All windows run as one batch; pad smaller images to the crop first (the position embedding is the crop's).
+  """
+  b, height, width, _ = images.shape
+  if height < crop or width < crop:
+    raise ValueError(f"image {height}×{width} is smaller than the {crop} crop: pad it first")
+  boxes = window_boxes(height, width, crop, stride)
+  windows = jnp.concatenate([images[:, y:y + crop, x:x + crop] for y, x in boxes])  # (windows·B, crop, crop, 3)
+  logits = upernet.resize_bilinear(model(windows), (crop, crop))  # (windows·B, crop, crop, classes)
+  total = jnp.zeros((b, height, width, logits.shape[-1]), jnp.float32)
+  count = np.zeros((height, width, 1), np.float32)
+  for i, (y, x) in enumerate(boxes):
+    total = total.at[:, y:y + crop, x:x + crop].add(logits[i * b:(i + 1) * b])
+    count[y:y + crop, x:x + crop] += 1
+  return total / jnp.asarray(count)
