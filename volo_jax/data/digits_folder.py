@@ -20,8 +20,8 @@ def digit_images(classes: int):
   bundled `volo_digits` dataset."""
   from scipy.ndimage import zoom  # pylint: disable=import-outside-toplevel
   from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
-  digits = load_digits()
-  for i, (image, label) in enumerate(zip(digits.images, digits.target)):
+  flat, labels = load_digits(return_X_y=True)
+  for i, (image, label) in enumerate(zip(flat.reshape(-1, 8, 8), labels)):
     if label < classes:
       gray = zoom(image * (255.0 / 16.0), IMAGE_SIZE // 8, order=3)
       yield i, np.repeat(np.clip(gray, 0, 255).round().astype(np.uint8)[..., None], 3, axis=-1), int(label)
