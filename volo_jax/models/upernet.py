@@ -124,8 +124,8 @@ class Pyramid(nnx.Module):
   """VOLO's /8 and /16 maps → the /4, /8, /16, /32 levels UperNet reads, each keeping its own channel count.
 
   Ours, not the paper's (which does not say): the BEiT/ViT UperNet construction, /4 = a 2×2 stride-2 transposed
-  conv of /8 (PyTorch's ConvTranspose2d layout and init), /32 = a 2×2 max-pool of /16. Another construction only
-  needs the same call and `channels`.
+  conv of /8 (PyTorch's ConvTranspose2d layout and kernel init, zero bias), /32 = a 2×2 max-pool of /16. Another
+  construction only needs the same call and `channels`.
   """
 
   def __init__(self, dim8: int, dim16: int, *, dtype, rngs: nnx.Rngs):
