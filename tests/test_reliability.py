@@ -188,6 +188,9 @@ BAD_INPUTS = {
     "dataset not prepared": ({"data.dataset": "mnist", "data.data_dir": "{root}/empty_tfds"}, errors.ConfigError,
                              "not prepared in .*tfds build mnist"),
     "workdir unwritable": ({"workdir": "{root}/a_file/run"}, errors.ConfigError, "is not writable: Not a directory"),
+    "negative resume step": ({"resume_step": -1}, errors.ConfigError, "resume_step -1 must be ≥ 0"),
+    "corrupt checkpoint mode": ({"on_corrupt_checkpoint": "ignore"}, errors.ConfigError,
+                                "on_corrupt_checkpoint 'ignore': choose one of stop, fallback"),
 }
 
 
