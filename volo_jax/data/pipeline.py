@@ -1,6 +1,6 @@
 """tf.data input: each process reads only its slice of a TFDS split, decodes (JPEG decode fused with the crop),
-augments and batches its share of the global batch, skipping (and counting) images that do not decode. Runs on
-the host CPU, never on the accelerator."""
+augments and batches its share of the global batch, skipping (and counting) images that do not decode, and
+stopping with one line when a shard decodes none. Runs on the host CPU, never on the accelerator."""
 
 import dataclasses
 import queue
