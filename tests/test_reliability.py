@@ -1,7 +1,8 @@
 """Faults the trainer must survive or refuse, each checked against the run that had no fault: two processes vs
-one, a checkpoint moved to another mesh, SIGTERM and kill -9 mid-run, NaN loss, a full disk, bad input,
-corrupt images, input that decodes nothing or stalls, and damaged checkpoints. Runs use volo_tiny on the digits (8 fake CPU devices in this process, 4 × 2 mesh) and share one
-persistent compilation cache, so each distinct program compiles once for the whole module."""
+one, a checkpoint moved to another mesh, SIGTERM and kill -9 mid-run, NaN loss, a full disk, bad input, corrupt
+images, input that decodes nothing or stalls, and damaged checkpoints. Runs use volo_tiny on the digits (8 fake
+CPU devices in this process, 4 × 2 mesh) and share one persistent compilation cache, so each distinct program
+compiles once for the whole module."""
 
 import glob
 import io
