@@ -96,3 +96,12 @@ def test_the_finetune_config_needs_a_dataset_and_takes_a_hub_name_as_init_from()
     validate.check_config(config)
   config.data.dataset = "my_images"
   validate.check_config(config)  # a Hub name needs no local file
+
+
+def test_a_train_folder_alone_is_split_by_class(tmp_path):
+  for label in ("b", "a"):
+    for i in range(5):
+      _write(os.path.join(str(tmp_path), "train", label, f"{i}.png"))
+  classes, splits = folder.plan_splits(str(tmp_path), 0.2, 0)
+  assert classes == ["a", "b"] and {k: len(v) for k, v in splits.items()} == {"train": 8, "validation": 2}
+  assert all(path.startswith("train" + os.sep) for path, _ in splits["validation"])

@@ -69,7 +69,9 @@ def plan_splits(root: str, val_fraction: float, seed: int) -> tuple[list[str], d
   else:
     if not 0.0 < val_fraction < 1.0:
       raise FolderError(f"--val-fraction {val_fraction}: must be between 0 and 1")
-    images = find_images(root)
+    images = find_images(train_dir or root)  # a train folder alone is split like a folder of classes
+    if train_dir:
+      images = [(os.path.relpath(os.path.join(train_dir, p), root), label) for p, label in images]
     classes = sorted({label for _, label in images}, key=natural_key)
     rng = np.random.default_rng(seed)
     found = {"train": [], "validation": []}
