@@ -111,3 +111,20 @@ def test_predict_with_a_hub_name_not_cached_is_one_line_exit_2(tmp_path):
   assert run.returncode == 2
   last = run.stderr.strip().splitlines()[-1]
   assert last.startswith("error: hf-hub:timm/volo_d2_224.sail_in1k") and "HF_HUB_OFFLINE" in last, run.stderr
+
+
+def test_predict_by_hub_name_uses_the_repos_config_and_class_names(offline_cache, tmp_path, capsys):
+  from volo_jax import predict  # pylint: disable=import-outside-toplevel
+  source = volo_jax.create_model("volo_tiny", img_size=32, num_classes=3, seed=6)
+  add_to_cache(offline_cache, "someone/volo_tiny_abc", source, "volo_tiny", img_size=32, crop_pct=1.0)
+  config_file = os.path.join(offline_cache, "models--someone--volo_tiny_abc", "snapshots", SHA, "config.json")
+  with open(config_file) as f:
+    config = json.load(f)
+  with open(config_file, "w") as f:
+    json.dump(dict(config, label_names=["ant", "bee", "cat"]), f)
+  image = str(tmp_path / "x.png")
+  with open(image, "wb") as f:
+    f.write(tf.io.encode_png(np.full((40, 40, 3), 128, np.uint8)).numpy())
+  assert predict.main(["--model", "hf-hub:someone/volo_tiny_abc", "--top", "3", image]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0] == image and sorted(line.split()[-1] for line in lines[1:]) == ["ant", "bee", "cat"]
