@@ -184,7 +184,7 @@ class Checkpointer:
         raise ConfigError(f"resume_step {resume_step}: {self.directory} holds the checkpoints of steps "
                           f"{sorted(steps) or 'none'}")
       state = self.restore(resume_step, abstract_state)
-      self._set_aside([s for s in steps if s > resume_step], "superseded: resumed from step %d" % resume_step)
+      self._set_aside([s for s in steps if s > resume_step], f"superseded: resumed from step {resume_step}")
       return state
     for step in steps:
       try:
