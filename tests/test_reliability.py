@@ -709,12 +709,14 @@ def test_input_that_decodes_nothing_stops_in_one_line_without_a_checkpoint(data_
       r"no training batch from 'volo_undecodable' split 'train': \d+ examples read, all dropped; the first error: "
       r"'volo_undecodable' split 'train', example 0: .*JPEG.*", message), message
   assert time.time() - started < 60
-  assert not has_any_checkpoint(workdir)
-
-
-def has_any_checkpoint(workdir: str) -> bool:
-  return os.path.isdir(os.path.join(workdir, "checkpoints")) and bool(os.listdir(os.path.join(workdir,
-                                                                                               "checkpoints")))
+  assert not os.path.exists(workdir)  # the run found no workdir and leaves none
+  os.makedirs(workdir)
+  with open(os.path.join(workdir, "notes.txt"), "w") as f:
+    f.write("the user's")
+  before = _tree(workdir)
+  with pytest.raises(errors.InputStalledError):
+    loop.train_and_evaluate(config, workdir)
+  assert _tree(workdir) == before  # an existing workdir is left as it was
 
 
 # train.py whose train split stalls: from raw example {limit} of an epoch on, each takes an hour to read.

@@ -63,9 +63,9 @@ def test_digits_training_on_a_4x2_mesh(straight_run):
   kernel = state["params"]["network"][2][0]["mlp"]["fc1"]["kernel"].get_value()
   assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
   with open(os.path.join(workdir, "config.json")) as f:
-    assert json.load(f)["model"] == {"name": "volo_tiny", "img_size": 32, "drop_path_rate": 0.1,
-                                     "dtype": "float32", "scan_blocks": False, "remat": "none",
-                                     "num_classes": 10}
+    assert json.load(f)["model"] == {"name": "volo_tiny", "img_size": 32, "drop_path_rate": 0.1, "drop_rate": 0.0,
+                                     "pos_drop_rate": 0.0, "attn_drop_rate": 0.0, "dtype": "float32",
+                                     "scan_blocks": False, "remat": "none", "num_classes": 10}
   tags = set()
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   for event_file in glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*")):

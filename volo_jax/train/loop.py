@@ -5,6 +5,7 @@ The same code runs on one CPU, a GPU host or a TPU pod; XLA:CPU's tuning is chos
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import threading
 import time
@@ -20,7 +21,7 @@ from flax import nnx
 
 from volo_jax.cpu import kernels, xla
 from volo_jax.data import pipeline
-from volo_jax.errors import ConfigError, DivergedError
+from volo_jax.errors import ConfigError, DivergedError, InputStalledError
 from volo_jax.models import create_model
 from volo_jax.train import checkpoint, optim, sharding, step as step_lib, validate
 from volo_jax.train.preemption import PreemptionWatch
@@ -164,9 +165,10 @@ def _start_state(run: Run, ckpt: checkpoint.Checkpointer, pretrained):
 # ------------------------------------------------------------------------------------------- the workdir
 
 
-def _model_identity(model_config: dict) -> dict:
-  """The model settings a checkpoint depends on: `remat` only trades memory for time, so it may change on resume."""
-  return {k: v for k, v in model_config.items() if k != "remat"}
+def _model_identity(model_config: dict, keys) -> dict:
+  """The model settings a checkpoint depends on: `remat` only trades memory for time, so it may change on resume.
+  `keys`: those the older config.json has (a field added since then keeps its default's meaning)."""
+  return {k: model_config.get(k) for k in keys if k != "remat"}
 
 
 def _write_config(config, workdir: str, num_classes: int) -> None:
@@ -176,7 +178,8 @@ def _write_config(config, workdir: str, num_classes: int) -> None:
   if os.path.exists(path):
     with open(path) as f:
       previous = json.load(f)["model"]
-    if _model_identity(previous) != _model_identity(resolved["model"]) and not config.force_resume:
+    same = _model_identity(previous, previous) == _model_identity(resolved["model"], previous)
+    if not same and not config.force_resume:
       raise ConfigError(f"{workdir} holds a run of model {previous}, not {resolved['model']}; use a new workdir "
                        "(or --config.force_resume=True)")
   if jax.process_index() == 0:  # written whole then renamed: the other processes may be reading it right now
@@ -298,11 +301,54 @@ def train_and_evaluate(config, workdir: str) -> dict:
   Stops early, with a checkpoint at the current step, when SIGTERM arrives (see preemption.py)."""
   run = describe_run(config)  # validates the config before the workdir is touched
   pretrained = _pretrained_model(run, workdir)
+  before = _WorkdirSnapshot(workdir)
   checkpoint.check_workdir(workdir)
   _write_config(config, workdir, run.dataset.num_classes)
   ckpt = checkpoint.Checkpointer(workdir, config)
-  with jax.set_mesh(run.mesh):  # scoped: the caller's mesh (or none) is back when training returns
-    return _train_loop(run, workdir, ckpt, pretrained)
+  try:
+    with jax.set_mesh(run.mesh):  # scoped: the caller's mesh (or none) is back when training returns
+      return _train_loop(run, workdir, ckpt, pretrained)
+  except InputStalledError:  # no step ran: leave the workdir as it was found
+    if jax.process_index() == 0:
+      before.restore()
+    raise
+
+
+class _WorkdirSnapshot:
+  """The workdir's files, folders and config.json before a run touches it, to put back when the run ends with no
+  step done."""
+
+  def __init__(self, workdir: str):
+    self.workdir = workdir
+    self.existed = os.path.isdir(workdir)
+    self.files, self.dirs = _tree(workdir)
+    config_path = os.path.join(workdir, checkpoint.CONFIG_JSON)
+    self.config_json = None
+    if os.path.isfile(config_path):
+      with open(config_path, "rb") as f:
+        self.config_json = f.read()
+
+  def restore(self) -> None:
+    if not self.existed:
+      shutil.rmtree(self.workdir, ignore_errors=True)
+      return
+    files, dirs = _tree(self.workdir)
+    for path in files - self.files:
+      os.remove(path)
+    for path in sorted(dirs - self.dirs, key=len, reverse=True):  # deepest first
+      shutil.rmtree(path, ignore_errors=True)
+    if self.config_json is not None:
+      with open(os.path.join(self.workdir, checkpoint.CONFIG_JSON), "wb") as f:
+        f.write(self.config_json)
+
+
+def _tree(directory: str) -> tuple[set, set]:
+  """(files, folders) under directory, as paths."""
+  files, dirs = set(), set()
+  for root, names, file_names in os.walk(directory):
+    dirs.update(os.path.join(root, name) for name in names)
+    files.update(os.path.join(root, name) for name in file_names)
+  return files, dirs
 
 
 def _train_loop(run: Run, workdir: str, ckpt: checkpoint.Checkpointer, pretrained) -> dict:
