@@ -78,6 +78,16 @@ def test_a_name_not_cached_offline_or_unknown_is_one_clear_error(offline_cache):
   assert hub.model_spec(hub.hub_config("volo_d4_448.sail_in1k")) == ("volo_d4", 448, 1000, 1.15)  # the table's
 
 
+def test_a_config_asking_for_another_eval_transform_is_refused():
+  config = hub.timm_config("volo_d1", img_size=224, num_classes=10, crop_pct=0.9)
+  assert hub.model_spec(config) == ("volo_d1", 224, 10, 0.9)
+  for key, value in (("mean", [0.5, 0.5, 0.5]), ("std", [0.5, 0.5, 0.5]), ("interpolation", "bilinear")):
+    other = json.loads(json.dumps(config))
+    other["pretrained_cfg"][key] = value
+    with pytest.raises(CheckpointError, match=f"pretrained_cfg {key} .* the only"):
+      hub.model_spec(other)
+
+
 @pytest.mark.slow
 def test_released_name_offline_equals_the_source_and_timms_create_model(offline_cache):
   source = volo_jax.create_model("volo_d1", img_size=224, seed=1)

@@ -99,7 +99,21 @@ def model_spec(config: dict) -> tuple[str, int, int, float]:
   img_size = config.get("model_args", {}).get("img_size") or (
       int(cfg["input_size"][-1]) if "input_size" in cfg else (name_size or 224))
   num_classes = int(config.get("num_classes", cfg.get("num_classes", 1000)))
+  _check_eval_transform(config["architecture"], cfg)
   return variant, img_size, num_classes, float(cfg.get("crop_pct", default_crop_pct(variant, img_size)))
+
+
+def _check_eval_transform(architecture: str, cfg: dict) -> None:
+  """The eval transform is timm's with ImageNet's mean and std and bicubic resizing, as every released VOLO uses:
+  a config asking for another one is refused rather than evaluated wrongly."""
+  ours = pretrained_tags.pretrained_cfg("volo_d1_224")
+  for key in ("mean", "std"):
+    if key in cfg and [round(float(v), 6) for v in cfg[key]] != [round(v, 6) for v in ours[key]]:
+      raise CheckpointError(f"{architecture}: pretrained_cfg {key} {list(cfg[key])} is not ImageNet's "
+                            f"{list(ours[key])}, the only normalisation volo_jax's eval transform has")
+  if cfg.get("interpolation", "bicubic") != "bicubic":
+    raise CheckpointError(f"{architecture}: pretrained_cfg interpolation {cfg['interpolation']!r} is not 'bicubic', "
+                          "the only resize volo_jax's eval transform has")
 
 
 def timm_config(model_name: str, *, img_size: int, num_classes: int, crop_pct: float,
