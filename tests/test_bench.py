@@ -95,7 +95,7 @@ def test_bench_writes_every_case_to_json(tmp_path):
     # the same XLA FLOP count within float round-off of the counts: the same model, other kernels
     assert cases[(mode, "jax_plain")]["flops_per_image"] == pytest.approx(cases[(mode, "jax")]["flops_per_image"],
                                                                           rel=0.05)
-  # The cases ran data parallel over the session's 8 CPU devices: their FLOPs count all devices' shares, as one
+  # The cases ran data parallel over the test process's 8 CPU devices: their FLOPs count all devices' shares, as one
   # device running the whole batch would (XLA's cost analysis counts one device's program).
   abstract = nnx.eval_shape(lambda: create_model("volo_d1", img_size=32, num_classes=1000))
   abstract.eval()
