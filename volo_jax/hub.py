@@ -158,7 +158,8 @@ def create_model(name: str, *, pretrained: bool = False, img_size: int | None = 
       source = f"{variant}_224.{pretrained_tags.TAG}"
     if pretrained and source not in pretrained_tags.PRETRAINED_CFGS:
       raise CheckpointError(f"{name}: no released weights; choose one of {', '.join(pretrained_tags.PRETRAINED_CFGS)}")
-  model = _create_model(variant, img_size=img_size or size, num_classes=num_classes or classes, **kwargs)
+  model = _create_model(variant, img_size=img_size or size, num_classes=classes if num_classes is None else num_classes,
+                        **kwargs)
   if pretrained:
     load_pretrained(model, source if source.startswith(HUB_PREFIX) else f"{HUB_PREFIX}{repo_id(source)}")
   return model
