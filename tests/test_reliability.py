@@ -287,19 +287,27 @@ def test_data_order_after_resume_and_across_process_counts(data_dir):
   assert not np.array_equal(straight[0]["image"], straight[1]["image"])
 
 
-class VoloCorruptDigits(tfds.core.GeneratorBasedBuilder):
-  """64 images labelled by their index; every 8th (index 8k+5) is a truncated or non-JPEG byte string."""
+class _JpegImages(tfds.core.GeneratorBasedBuilder):
+  """A one-split dataset of 32×32 JPEG-typed images; subclasses yield the examples (some of them broken bytes).
+  Abstract (no _generate_examples), so TFDS does not register it."""
 
   VERSION = tfds.core.Version("1.0.0")
+  NUM_CLASSES = 10
 
   def _info(self):
     return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
         "image": tfds.features.Image(shape=(32, 32, 3), encoding_format="jpeg"),
-        "label": tfds.features.ClassLabel(num_classes=64)}))
+        "label": tfds.features.ClassLabel(num_classes=self.NUM_CLASSES)}))
 
   def _split_generators(self, dl_manager):
     del dl_manager
     return {"train": self._generate_examples()}
+
+
+class VoloCorruptDigits(_JpegImages):
+  """64 images labelled by their index; every 8th (index 8k+5) is a truncated or non-JPEG byte string."""
+
+  NUM_CLASSES = 64
 
   def _generate_examples(self):
     for i in range(64):
@@ -492,19 +500,8 @@ def test_two_processes_equal_one_and_the_checkpoint_moves_to_a_2_device_mesh(dat
 # ------------------------------------------------------------------------------------ damaged checkpoints
 
 
-class VoloPartlyCorrupt(tfds.core.GeneratorBasedBuilder):
+class VoloPartlyCorrupt(_JpegImages):
   """The digits' shapes and classes, 160 random images of which every 5th does not decode (20%)."""
-
-  VERSION = tfds.core.Version("1.0.0")
-
-  def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-        "image": tfds.features.Image(shape=(32, 32, 3), encoding_format="jpeg"),
-        "label": tfds.features.ClassLabel(num_classes=10)}))
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {"train": self._generate_examples()}
 
   def _generate_examples(self):
     for i in range(160):
@@ -677,19 +674,8 @@ def test_train_py_stops_on_a_damaged_checkpoint_in_one_line_with_exit_code_1(sav
 # ----------------------------------------------------------------------------------- input that yields nothing
 
 
-class VoloUndecodable(tfds.core.GeneratorBasedBuilder):
+class VoloUndecodable(_JpegImages):
   """The digits' shapes and classes, 48 examples of which none decodes."""
-
-  VERSION = tfds.core.Version("1.0.0")
-
-  def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-        "image": tfds.features.Image(shape=(32, 32, 3), encoding_format="jpeg"),
-        "label": tfds.features.ClassLabel(num_classes=10)}))
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
-    return {"train": self._generate_examples()}
 
   def _generate_examples(self):
     for i in range(48):
