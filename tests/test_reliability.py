@@ -117,7 +117,7 @@ def tensorboard(workdir: str) -> tuple[dict, set]:
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
-  return sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
+  return sorted(checkpoint.finished_steps(workdir))
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -703,6 +703,22 @@ def test_input_that_decodes_nothing_stops_in_one_line_without_a_checkpoint(data_
   with pytest.raises(errors.InputStalledError):
     loop.train_and_evaluate(config, workdir)
   assert _tree(workdir) == before  # an existing workdir is left as it was
+
+
+def test_a_stall_after_a_saved_checkpoint_keeps_the_workdir(data_dir, tmp_path, monkeypatch):
+  """Only a run that saved nothing is undone: a checkpoint written before the input stalled stays."""
+  workdir = str(tmp_path / "run")
+
+  def saves_then_stalls(run, workdir, ckpt, pretrained):
+    del run, pretrained
+    ckpt.close()
+    os.makedirs(os.path.join(workdir, "checkpoints", "2"))
+    raise errors.InputStalledError("no training batch")
+
+  monkeypatch.setattr(loop, "_train_loop", saves_then_stalls)
+  with pytest.raises(errors.InputStalledError):
+    loop.train_and_evaluate(run_config(data_dir, 4), workdir)
+  assert checkpoint_steps(workdir) == [2] and os.path.isfile(os.path.join(workdir, "config.json"))
 
 
 # train.py whose train split stalls: from raw example {limit} of an epoch on, each takes an hour to read.

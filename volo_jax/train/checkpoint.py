@@ -89,11 +89,16 @@ def newest_intact(directory: str, steps, below: int) -> int | None:
                if s < below and verify_integrity(os.path.join(directory, str(s))) in (None, NO_RECORD)), None)
 
 
-def has_checkpoint(workdir: str) -> bool:
-  """Whether the workdir holds a finished checkpoint (orbax names those by their step; partial ones carry a
+def finished_steps(workdir: str) -> set[int]:
+  """The steps of the workdir's finished checkpoints (orbax names those by their step; partial ones carry a
   temporary suffix until complete)."""
   directory = os.path.join(workdir, CHECKPOINT_DIR)
-  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+  return {int(name) for name in os.listdir(directory) if name.isdigit()} if os.path.isdir(directory) else set()
+
+
+def has_checkpoint(workdir: str) -> bool:
+  """Whether the workdir holds a finished checkpoint."""
+  return bool(finished_steps(workdir))
 
 
 def check_workdir(workdir: str) -> None:

@@ -308,20 +308,21 @@ def train_and_evaluate(config, workdir: str) -> dict:
   try:
     with jax.set_mesh(run.mesh):  # scoped: the caller's mesh (or none) is back when training returns
       return _train_loop(run, workdir, ckpt, pretrained)
-  except InputStalledError:  # no step ran: leave the workdir as it was found
-    if jax.process_index() == 0:
+  except InputStalledError:  # leave the workdir as it was found, unless the run saved a checkpoint first
+    if jax.process_index() == 0 and checkpoint.finished_steps(workdir) == before.checkpoint_steps:
       before.restore()
     raise
 
 
 class _WorkdirSnapshot:
-  """The workdir's files, folders and config.json before a run touches it, to put back when the run ends with no
-  step done."""
+  """The workdir's files, folders and config.json before a run touches it, to put back when the run ends having
+  saved nothing."""
 
   def __init__(self, workdir: str):
     self.workdir = workdir
     self.existed = os.path.isdir(workdir)
     self.files, self.dirs = _tree(workdir)
+    self.checkpoint_steps = checkpoint.finished_steps(workdir)
     config_path = os.path.join(workdir, checkpoint.CONFIG_JSON)
     self.config_json = None
     if os.path.isfile(config_path):
