@@ -26,5 +26,14 @@ class InputStalledError(RuntimeError):
   """The training input read many examples and delivered none: every one failed to decode or to find its label."""
 
 
+def first_line(error: BaseException) -> str:
+  """An exception's message as one line for the user: its first line (a KeyError's quotes dropped), or the type's
+  name when it has no message."""
+  text = str(error).strip()
+  if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+    text = text[1:-1]
+  return text.splitlines()[0].strip() if text else type(error).__name__
+
+
 BAD_INPUT = (ConfigError, CheckpointError)  # exit code 2
 RUN_FAILURE = (DivergedError, CheckpointWriteError, CheckpointCorruptError, InputStalledError)  # exit code 1

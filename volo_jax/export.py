@@ -21,7 +21,7 @@ from flax import nnx
 
 from volo_jax import sources
 from volo_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from volo_jax.errors import CheckpointError
+from volo_jax.errors import CheckpointError, first_line
 
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     model = sources.build(source)
     exported = export_forward(model, source.img_size, platforms=platforms, batch=args.batch)
   except (CheckpointError, ValueError) as e:
-    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+    print(f"error: {first_line(e)}", file=sys.stderr)
     return 2
   meta = {"model": source.model, "img_size": source.img_size, "num_classes": source.num_classes,
           "crop_pct": source.crop_pct, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),

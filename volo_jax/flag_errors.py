@@ -9,6 +9,8 @@ import sys
 
 from absl import flags
 
+from volo_jax.errors import first_line
+
 
 def parser(prog: str):
   """An absl `flags_parser` for `app.run` that turns a bad flag into `prog: error: …` on stderr and exit 2."""
@@ -34,7 +36,7 @@ def describe(argv: list[str], error: Exception) -> str:
   try:
     config = _load(spec)
   except Exception as load_error:  # pylint: disable=broad-except  # the file or its argument: what it said
-    return f"--config {spec}: {_first_line(load_error)}"
+    return f"--config {spec}: {first_line(load_error)}"
   for key in _override_keys(argv):
     problem = _unknown_key(config, key)
     if problem:
@@ -88,12 +90,5 @@ def _root_message(error: BaseException) -> str:
   while chain[-1].__cause__ is not None or (chain[-1].__context__ is not None
                                             and not chain[-1].__suppress_context__):
     chain.append(chain[-1].__cause__ or chain[-1].__context__)
-  lines = [_first_line(e) for e in chain]
+  lines = [first_line(e) for e in chain]
   return next((line for line in lines if line.startswith("flag --")), lines[-1])
-
-
-def _first_line(error: BaseException) -> str:
-  text = str(error).strip()
-  if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":  # a KeyError's repr
-    text = text[1:-1]
-  return text.splitlines()[0].strip() if text else type(error).__name__

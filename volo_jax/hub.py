@@ -11,7 +11,7 @@ import json
 import os
 import re
 
-from volo_jax.errors import CheckpointError
+from volo_jax.errors import CheckpointError, first_line
 from volo_jax.models import create_model as _create_model
 from volo_jax.models import default_crop_pct, parse_model_name
 from volo_jax.models import pretrained as pretrained_tags
@@ -57,7 +57,7 @@ def _download(rid: str, filename: str) -> str:
   except errors.RepositoryNotFoundError:
     raise CheckpointError(f"hf-hub:{rid}: no such repository on the Hugging Face Hub (or it is private)") from None
   except (errors.HfHubHTTPError, OSError) as e:
-    raise CheckpointError(f"hf-hub:{rid}: cannot fetch {filename}: {str(e).splitlines()[0]}") from None
+    raise CheckpointError(f"hf-hub:{rid}: cannot fetch {filename}: {first_line(e)}") from None
 
 
 def weights_file(name: str) -> str:

@@ -21,6 +21,7 @@ import tensorflow as tf
 from flax import nnx
 
 from volo_jax import cpu, sources
+from volo_jax.errors import first_line
 from volo_jax.convert.torch_io import CheckpointError
 from volo_jax.data.transforms import eval_transform
 
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
     batch = np.stack([load_image(p, img_size, args.crop_pct or source.crop_pct) for p in args.images])
     names = class_names(source)
   except (CheckpointError, ValueError, tf.errors.OpError) as e:
-    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+    print(f"error: {first_line(e)}", file=sys.stderr)
     return 2
   model.eval()
   on_cpu = jax.default_backend() == "cpu"

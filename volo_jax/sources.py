@@ -51,11 +51,10 @@ def describe(weights: str | None, model_name: str | None = None, img_size: int |
   """The Source of `weights` (a workdir, converted dir, Hub name or file; None: `model_name` is a Hub name).
   A file carries no architecture: `model_name` (and the size in it or `img_size`) says what it holds."""
   if weights is None:
-    if model_name is None or not (hub.is_hub_name(model_name) or model_name.startswith(hub.HUB_PREFIX)
-                                  or "." in model_name):
+    if model_name is None or not (hub.is_hub_name(model_name) or "." in model_name):
       raise CheckpointError("give --weights, or a Hub name as --model (e.g. volo_d1_224.sail_in1k)")
     weights = model_name if model_name.startswith(hub.HUB_PREFIX) else f"{hub.HUB_PREFIX}{hub.repo_id(model_name)}"
-  if weights.startswith(hub.HUB_PREFIX) or hub.is_hub_name(weights):
+  if hub.is_hub_name(weights):
     config = hub.hub_config(weights)
     variant, size, classes, crop_pct = hub.model_spec(config)
     names = config.get("label_names") or config.get("pretrained_cfg", {}).get("label_names")

@@ -11,7 +11,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from volo_jax.convert import mapping
-from volo_jax.errors import CheckpointError
+from volo_jax.errors import CheckpointError, first_line
 from volo_jax.models import VOLO, create_model
 
 MODEL_JSON = "model.json"
@@ -76,5 +76,5 @@ def restore_weights(model: VOLO, path: str) -> None:
     with ocp.StandardCheckpointer() as ckptr:
       restored = ckptr.restore(os.path.join(os.path.abspath(path), WEIGHTS_DIR), target)
   except Exception as e:  # orbax raises many types for truncated or mismatched trees
-    raise CheckpointError(f"{path}: cannot restore weights into this model: {str(e).splitlines()[0]}") from e
+    raise CheckpointError(f"{path}: cannot restore weights into this model: {first_line(e)}") from e
   nnx.update(model, restored)

@@ -11,7 +11,7 @@ import zipfile
 
 import numpy as np
 
-from volo_jax.errors import CheckpointError
+from volo_jax.errors import CheckpointError, first_line
 
 SAFETENSORS_SUFFIX = ".safetensors"
 
@@ -33,8 +33,7 @@ def _read_pickle(path: str) -> dict:
     with torch.serialization.safe_globals([argparse.Namespace]):
       return torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError … depending on the damage
-    first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise CheckpointError(f"{path}: refused or unreadable checkpoint: {first_line}") from e
+    raise CheckpointError(f"{path}: refused or unreadable checkpoint: {first_line(e)}") from e
 
 
 def _to_numpy(value) -> np.ndarray:

@@ -13,6 +13,7 @@ import tempfile
 import numpy as np
 
 from volo_jax.data.digits import IMAGE_SIZE
+from volo_jax.errors import first_line
 
 
 def digit_images(classes: int):
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
   try:
     count = write_digits_folder(args.out_dir, args.classes)
   except (ValueError, OSError) as e:
-    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+    print(f"error: {first_line(e)}", file=sys.stderr)
     return 2
   print(f"wrote {count} images of {args.classes} classes to {os.path.abspath(args.out_dir)}")
   return 0

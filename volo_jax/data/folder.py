@@ -19,6 +19,8 @@ import tempfile
 
 import numpy as np
 
+from volo_jax.errors import first_line
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp")
 TRAIN_NAMES = ("train", "training")
 VAL_NAMES = ("val", "valid", "validation", "eval", "evaluation")
@@ -158,7 +160,7 @@ def main(argv=None) -> int:
     result = write_dataset(args.images_dir, args.name, args.data_dir, val_fraction=args.val_fraction,
                            seed=args.seed)
   except (FolderError, OSError) as e:
-    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+    print(f"error: {first_line(e)}", file=sys.stderr)
     return 2
   sizes = ", ".join(f"{split} {n}" for split, n in result["sizes"].items())
   print(f"wrote {os.path.join(os.path.abspath(args.data_dir), args.name)}: {len(result['classes'])} classes, "

@@ -16,7 +16,7 @@ from flax import nnx
 
 from volo_jax.convert import flax_io, mapping
 from volo_jax.models import create_model
-from volo_jax.errors import CheckpointCorruptError, CheckpointError, CheckpointWriteError, ConfigError
+from volo_jax.errors import CheckpointCorruptError, CheckpointError, CheckpointWriteError, ConfigError, first_line
 
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_JSON = "config.json"
@@ -81,6 +81,17 @@ def verify_integrity(step_dir: str) -> str | None:
     if _sha256(full) != expected["sha256"]:
       return f"{name} does not match the SHA-256 recorded when it was written (altered on disk)"
   return None
+
+
+def check_step(directory: str, step: int, what: str = "restored") -> str | None:
+  """What is wrong with a step's files; None when they verify, or (noted in the log) when the checkpoint was written
+  before integrity records existed."""
+  problem = verify_integrity(os.path.join(directory, str(step)))
+  if problem == NO_RECORD:
+    logging.info("the checkpoint of step %d has no integrity record (written by an earlier version): %s unverified",
+                 step, what)
+    return None
+  return problem
 
 
 def newest_intact(directory: str, steps, below: int) -> int | None:
@@ -156,22 +167,13 @@ class Checkpointer:
       raise CheckpointCorruptError(self._damaged(step, str(e))) from None
 
   def _restore_verified(self, step: int, abstract_state):
-    problem = self.check(step)
+    problem = check_step(self.directory, step)
     if problem:
       raise _Damaged(problem)
     try:
       return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
     except Exception as e:  # orbax/tensorstore raise many types for unreadable files
-      raise _Damaged(f"cannot be read: {_first_line(e)}") from None
-
-  def check(self, step: int) -> str | None:
-    """What is wrong with the step's files (None: intact, or written before integrity records: noted)."""
-    problem = verify_integrity(os.path.join(self.directory, str(step)))
-    if problem == NO_RECORD:
-      logging.info("the checkpoint of step %d has no integrity record (written by an earlier version): restored "
-                   "unverified", step)
-      return None
-    return problem
+      raise _Damaged(f"cannot be read: {first_line(e)}") from None
 
   def _damaged(self, step: int, problem: str) -> str:
     intact = newest_intact(self.directory, self.manager.all_steps(), below=step)
@@ -255,15 +257,13 @@ class Checkpointer:
     except (OSError, ValueError, RuntimeError) as e:  # orbax and tensorstore raise all three for I/O failures
       kept = [s for s in self.manager.all_steps() if s != step] if os.path.isdir(self.directory) else []
       raise CheckpointWriteError(f"cannot write the checkpoint of step {step} in {self.directory}: "
-                                 f"{_first_line(e)}; the checkpoints of steps {kept or 'none'} are intact") from e
+                                 f"{first_line(e)}; the checkpoints of steps {kept or 'none'} are intact") from e
 
 
 class _Damaged(Exception):
   """What is wrong with a checkpoint's files, inside Checkpointer."""
 
 
-def _first_line(e: Exception) -> str:
-  return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def load_pretrained(model, path: str) -> mapping.LoadReport:
@@ -295,11 +295,8 @@ def _model_from_workdir(workdir: str, model_config: dict):
   step = manager.latest_step()
   if step is None:
     raise CheckpointError(f"{workdir}: training workdir without a checkpoint")
-  problem = verify_integrity(os.path.join(directory, str(step)))
-  if problem == NO_RECORD:
-    logging.info("%s: the checkpoint of step %d has no integrity record (written by an earlier version): read "
-                 "unverified", workdir, step)
-  elif problem:
+  problem = check_step(directory, step, what="read")
+  if problem:
     intact = newest_intact(directory, manager.all_steps(), below=step)
     hint = f"the newest intact one is step {intact}" if intact is not None else "no intact checkpoint is left"
     raise CheckpointError(f"{workdir}: the checkpoint of step {step} is damaged: {problem}; {hint}")
@@ -311,6 +308,6 @@ def _model_from_workdir(workdir: str, model_config: dict):
         partial_restore=True))
   except Exception as e:  # orbax/tensorstore raise many types for truncated or mismatched checkpoints
     raise CheckpointError(f"{workdir}: cannot restore the checkpoint of step {step} into {model_config['name']}: "
-                          f"{_first_line(e)}") from None
+                          f"{first_line(e)}") from None
   nnx.update(source, restored["params"], restored["batch_stats"])
   return source
