@@ -82,7 +82,7 @@ def chosen_crop(label: tf.Tensor, draws: tf.Tensor, crop: int, cat_max_ratio: fl
                    lambda: ~_balanced(label[top:top + crop, left:left + crop], cat_max_ratio),
                    lambda: tf.constant(False))
 
-  return tf.while_loop(rejected, lambda i: i + 1, [tf.constant(0)])[0]
+  return tf.while_loop(rejected, lambda i: (i + 1,), (tf.constant(0),))[0]
 
 
 def _convert(image, alpha=1.0, beta=0.0):
