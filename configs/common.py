@@ -5,6 +5,7 @@ import ml_collections
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
+  c.task = "classification"  # what the one trainer runs: classification | segmentation (configs/segmentation.py)
   c.seed = 0  # parameters, data order, augmentation and dropout all derive from it
   c.batch_size = 1024  # global, over all devices and processes
   c.label_smoothing = 0.1
@@ -54,12 +55,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.clip_grad = 0.0  # global-norm clipping when > 0
 
   c.schedule = ml_collections.ConfigDict()
+  c.schedule.name = "cosine"  # timm's cosine (the fields below) | poly: mmseg's, counted in steps (poly_* fields)
   c.schedule.epochs = 300  # the cosine cycle
   c.schedule.warmup_epochs = 20  # linear from warmup_lr, inside the cycle (timm's warmup_prefix=False)
   c.schedule.warmup_lr = 1e-6
   c.schedule.min_lr = 1e-5  # the cosine's floor, and the lr of the cooldown epochs
   c.schedule.cooldown_epochs = 10  # at min_lr after the cycle
   c.schedule.per_step = False  # timm steps per epoch by default; True: per step
+  c.schedule.poly_power = 1.0  # poly: lr = (lr − min_lr)·(1 − step/total_steps)^power + min_lr
+  c.schedule.poly_warmup_steps = 0  # poly: linear warmup over these steps, from warmup_ratio × the poly lr
+  c.schedule.poly_warmup_ratio = 1e-6
 
   c.data = ml_collections.ConfigDict()
   c.data.dataset = "imagenet2012"
@@ -80,8 +85,26 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1  # -1: all devices not used by fsdp
   c.mesh.fsdp = 1
 
+  # Semantic segmentation (task "segmentation"): mmseg's pipeline and test settings; the crop is model.img_size.
+  c.segmentation = ml_collections.ConfigDict(dict(
+      scale=(2048, 512),  # (long, short) side: the train rescale's base and the test resize, keeping the ratio
+      ratio_range=(0.5, 2.0),  # train rescale: the scale times U(ratio_range)
+      cat_max_ratio=0.75,  # train crop: redrawn (≤ 10 times) while one class covers more of it than this
+      photometric=True,  # train: brightness, contrast, saturation, hue (each p 0.5)
+      eval_canvas=(1024, 1024),  # test images (resized to the scale) are padded to this fixed shape: one compile
+      eval_mode="slide",  # slide: crop windows, overlaps averaged | whole: the canvas at once (canvas = crop)
+      eval_stride=341,  # slide: window stride (2/3 of the crop)
+      test_scales=(1.0,),  # multi-scale test: the scale's ratios, e.g. (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+      test_flip=False,  # test on the mirrored image too and average the probabilities
+      channels=512,  # UperNet decode head
+      aux_channels=256,  # auxiliary FCN head on the /16 level
+      head_dropout=0.1,  # before both heads' classifiers
+      aux_weight=0.4,  # the auxiliary loss's weight
+  ))
+
   c.log_every_steps = 100  # log line, TensorBoard scalars and the NaN check
   c.eval_every_epochs = 10  # 0: no evaluation
+  c.eval_every_steps = 0  # > 0: evaluate every this many steps instead of every eval_every_epochs
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3  # the newest ones kept on disk
   c.resume_step = 0  # > 0: resume from that checkpoint, not the latest (later ones are moved aside, not deleted)

@@ -14,13 +14,15 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from volo_jax.data import augment, randaugment, token_label_store, transforms
+from volo_jax.data import augment, randaugment, segmentation_input, token_label_store, transforms
 from volo_jax.data.digits import VoloDigits  # noqa: F401  (registers `volo_digits` with TFDS)
+from volo_jax.data.segmentation_datasets import VoloDigitsSegmentation  # noqa: F401  (and the others)
 from volo_jax.errors import ConfigError, InputStalledError
 
 STALL_EXAMPLES = 1000  # a shard that read this many examples (or all of it, if smaller) and decoded none is stuck
 WAIT_LOG_SECS = 30  # a log line this often while a batch is awaited
 _POLL_SECS = 0.5  # how often a waiting consumer looks at the counters and at its stop callback
+BUNDLED = ("volo_digits", "volo_digits_segmentation")  # built from scikit-learn's digits on first use
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +30,7 @@ class DatasetInfo:
   num_classes: int
   num_train: int
   num_eval: int
+  class_names: tuple[str, ...] | None = None  # segmentation: for the per-class IoU
 
 
 def builder(config):
@@ -37,7 +40,7 @@ def builder(config):
     b = tfds.builder(name, data_dir=config.data.data_dir or None)
   except tfds.core.registered.DatasetNotFoundError as e:
     raise ConfigError(f"unknown TFDS dataset {name!r}") from e
-  if name == "volo_digits" and not b.is_prepared():
+  if name in BUNDLED and not b.is_prepared():
     b.download_and_prepare()
   if not b.is_prepared():
     raise ConfigError(f"TFDS dataset {name!r} is not prepared in {b.data_dir_root}: prepare it first, e.g. for "
@@ -48,9 +51,16 @@ def builder(config):
 
 def dataset_info(config) -> DatasetInfo:
   b = builder(config)
-  return DatasetInfo(num_classes=b.info.features["label"].num_classes,
-                     num_train=b.info.splits[config.data.train_split].num_examples,
-                     num_eval=b.info.splits[config.data.eval_split].num_examples)
+  sizes = dict(num_train=b.info.splits[config.data.train_split].num_examples,
+               num_eval=b.info.splits[config.data.eval_split].num_examples)
+  if _segmentation(config):
+    source = segmentation_input.source(config)
+    return DatasetInfo(num_classes=source.num_classes, class_names=source.class_names, **sizes)
+  return DatasetInfo(num_classes=b.info.features["label"].num_classes, **sizes)
+
+
+def _segmentation(config) -> bool:
+  return config.task == "segmentation"
 
 
 def decode_train(example, seed, config, labels=None):
@@ -113,6 +123,8 @@ def _is_image(image_bytes):
 
 
 def _decode_eval(example, config):
+  if _segmentation(config):
+    return segmentation_input.decode_eval(example, config)
   image = _decode_any(example["image"])
   image = transforms.eval_transform(image, config.model.img_size, config.data.crop_pct)
   return {"image": image, "label": tf.cast(example["label"], tf.int32), "mask": tf.constant(1.0)}
@@ -120,6 +132,10 @@ def _decode_eval(example, config):
 
 def _read(config, split: str, shuffle_seed: int | None):
   read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, interleave_cycle_length=16)
+  if _segmentation(config):
+    ds = builder(config).as_dataset(split=split, shuffle_files=shuffle_seed is not None, read_config=read_config,
+                                    decoders=segmentation_input.decoders(config))
+    return ds.map(segmentation_input.rename(config))
   return builder(config).as_dataset(split=split, shuffle_files=shuffle_seed is not None, read_config=read_config,
                                     decoders={"image": tfds.decode.SkipDecoding()})
 
@@ -329,7 +345,10 @@ def _decode_counted(example, seed, config, labels, counters=None):
   with tf.control_dependencies([tf.debugging.Assert(_is_image(image), ["not an image: the bytes start with no JPEG, "
                                                                         "PNG, GIF or BMP signature"])]):
     example = dict(example, image=tf.identity(image))
-  out = decode_train(example, seed, config, labels)
+  if _segmentation(config):
+    out = segmentation_input.decode_train(example, seed, config)
+  else:
+    out = decode_train(example, seed, config, labels)
   if counters is None:
     return out
   decoded = counters[1]
@@ -350,7 +369,8 @@ def eval_dataset(config, *, local_batch: int, process_index: int, process_count:
   ds = ds.map(lambda ex: _decode_eval(ex, config), num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.ignore_errors()  # corrupt images are left out (and show as a count below the split's size)
   size = config.model.img_size
-  padding = tf.data.Dataset.from_tensors({"image": tf.zeros((size, size, 3)), "label": tf.constant(0),
-                                          "mask": tf.constant(0.0)}).repeat()
+  padding = (segmentation_input.eval_padding(config) if _segmentation(config) else
+             {"image": tf.zeros((size, size, 3)), "label": tf.constant(0), "mask": tf.constant(0.0)})
+  padding = tf.data.Dataset.from_tensors(padding).repeat()
   ds = ds.concatenate(padding).take(num_batches * local_batch).batch(local_batch)
   return _deterministic(ds.prefetch(tf.data.AUTOTUNE)).as_numpy_iterator(), num_batches

@@ -14,8 +14,9 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
-from volo_jax.convert import flax_io, mapping
+from volo_jax.convert import flax_io, mapping, segmenter as segmenter_convert
 from volo_jax.models import create_model
+from volo_jax.models.segmenter import VoloUperNet, create_segmenter
 from volo_jax.errors import CheckpointCorruptError, CheckpointError, CheckpointWriteError, ConfigError, first_line
 
 CHECKPOINT_DIR = "checkpoints"
@@ -269,7 +270,8 @@ class _Damaged(Exception):
 def load_pretrained(model, path: str) -> mapping.LoadReport:
   """Fills `model` from a PyTorch file (.pth/.pth.tar/.safetensors), a `volo_jax.convert torch2flax` directory,
   or a training workdir of ours, or a Hub name (hf-hub:<repo>, volo_d1_224.sail_in1k: the cached download); pos_embed
-  is resized and heads reset as the official fine-tuning loader does."""
+  is resized and heads reset as the official fine-tuning loader does. A segmenter takes a whole segmenter's
+  weights, or a classifier's into its backbone."""
   from volo_jax import hub  # pylint: disable=import-outside-toplevel
   if hub.is_hub_name(path):
     path = hub.weights_file(path)
@@ -277,19 +279,43 @@ def load_pretrained(model, path: str) -> mapping.LoadReport:
     source = flax_io.load_model_checkpoint(path)
   elif os.path.isfile(os.path.join(path, CONFIG_JSON)):
     with open(os.path.join(path, CONFIG_JSON)) as f:
-      source = _model_from_workdir(path, json.load(f)["model"])
+      source = _model_from_workdir(path, json.load(f))
   elif os.path.isdir(path):
     raise CheckpointError(f"{path}: neither a converted weights directory nor a training workdir")
+  elif isinstance(model, VoloUperNet):
+    return _load_segmenter_tensors(model, mapping.read_state_dict(path))
   else:
     return mapping.load_torch_weights(model, path)
+  if isinstance(model, VoloUperNet):
+    tensors = (segmenter_convert.state_dict(source) if isinstance(source, VoloUperNet)
+               else mapping.state_dict(source))
+    return _load_segmenter_tensors(model, tensors)
+  if isinstance(source, VoloUperNet):
+    raise CheckpointError(f"{path} holds a segmentation model: a classifier cannot load it")
   return mapping.load_state_dict(model, mapping.state_dict(source))
 
 
-def _model_from_workdir(workdir: str, model_config: dict):
-  """The params and batch stats of a training workdir's latest checkpoint, as a (host-resident) model."""
-  source = create_model(model_config["name"], img_size=model_config["img_size"],
-                        num_classes=model_config["num_classes"],
-                        scan_blocks=model_config.get("scan_blocks", False))
+def _load_segmenter_tensors(model: VoloUperNet, tensors: dict) -> mapping.LoadReport:
+  """A whole segmenter's state dict (backbone., neck., decode_head., auxiliary_head.) or a classifier's (into the
+  backbone only)."""
+  if any(k.startswith("backbone.") for k in tensors):
+    return segmenter_convert.load_state_dict(model, tensors)
+  return segmenter_convert.load_backbone_state_dict(model, tensors)
+
+
+def _model_from_workdir(workdir: str, run_config: dict):
+  """The params and batch stats of a training workdir's latest checkpoint, as a (host-resident) model: the run's
+  classifier, or its segmenter for a segmentation run."""
+  model_config = run_config["model"]
+  if run_config.get("task") == "segmentation":
+    s = run_config["segmentation"]
+    source = create_segmenter(model_config["name"], model_config["num_classes"], img_size=model_config["img_size"],
+                              channels=s["channels"], aux_channels=s["aux_channels"],
+                              scan_blocks=model_config.get("scan_blocks", False))
+  else:
+    source = create_model(model_config["name"], img_size=model_config["img_size"],
+                          num_classes=model_config["num_classes"],
+                          scan_blocks=model_config.get("scan_blocks", False))
   directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
   manager = ocp.CheckpointManager(directory)
   step = manager.latest_step()

@@ -20,10 +20,9 @@ from absl import logging
 from flax import nnx
 
 from volo_jax.cpu import kernels, xla
-from volo_jax.data import pipeline
+from volo_jax.data import pipeline, segmentation_input
 from volo_jax.errors import ConfigError, DivergedError, InputStalledError
-from volo_jax.models import create_model
-from volo_jax.train import checkpoint, optim, sharding, step as step_lib, validate
+from volo_jax.train import checkpoint, optim, sharding, step as step_lib, tasks, validate
 from volo_jax.train.preemption import PreemptionWatch
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -38,12 +37,9 @@ def on_cpu_backend() -> bool:
 
 
 def build_model(config, num_classes: int):
-  """config's model with fresh parameters; on XLA:CPU with the CPU-tuned products unless cpu.kernels is off."""
-  m, tl = config.model, config.token_label
-  model = create_model(m.name, img_size=m.img_size, num_classes=num_classes, seed=config.seed,
-                       drop_path_rate=m.drop_path_rate, drop_rate=m.drop_rate, pos_drop_rate=m.pos_drop_rate,
-                       attn_drop_rate=m.attn_drop_rate, mix_token=tl.enabled and tl.mix_token,
-                       scan_blocks=m.scan_blocks, remat=m.remat, dtype=_DTYPES[m.dtype])
+  """config's model (a VOLO classifier, or VOLO + UperNet for segmentation) with fresh parameters; on XLA:CPU with
+  the CPU-tuned products unless cpu.kernels is off."""
+  model = tasks.for_config(config).create_model(config, num_classes, _DTYPES[config.model.dtype])
   if config.cpu.kernels and on_cpu_backend():
     kernels.use_cpu_kernels(model, xla.dot_library(config.cpu.dots))
   return model
@@ -83,6 +79,8 @@ def describe_run(config, *, for_training: bool = True) -> Run:
   validate.check_config(config, for_training=for_training)
   mesh = sharding.make_mesh(config)
   dataset = pipeline.dataset_info(config)
+  if for_training and config.task == "segmentation":
+    segmentation_input.check_labels(config)
   steps_per_epoch = dataset.num_train // config.batch_size
   if steps_per_epoch == 0:
     raise ConfigError(f"batch_size {config.batch_size} exceeds the {dataset.num_train} training examples")
@@ -93,7 +91,7 @@ def describe_run(config, *, for_training: bool = True) -> Run:
   state_sharding = sharding.state_shardings(abstract_state, mesh)
   return Run(config=config, mesh=mesh, dataset=dataset, local_batch=config.batch_size // jax.process_count(),
              steps_per_epoch=steps_per_epoch,
-             total_steps=config.total_steps or optim.total_steps(config, steps_per_epoch), tx=tx,
+             total_steps=optim.total_steps(config, steps_per_epoch), tx=tx,
              graphdef=graphdef, rng_template=rng_template, state_sharding=state_sharding,
              abstract_state=jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                          abstract_state, state_sharding),
@@ -114,23 +112,24 @@ def weights_state(run: Run, model) -> dict:
 
 def jit_eval_step(run: Run, use_ema: bool):
   """The eval step; the state keeps the shardings it has (a train state, or just params and batch stats)."""
-  return jit(run.config, step_lib.make_eval_step(run.graphdef, run.rng_template, use_ema),
+  task = tasks.for_config(run.config)
+  return jit(run.config, task.make_eval_step(run.graphdef, run.rng_template, run.config, run.dataset.num_classes,
+                                             use_ema),
              in_shardings=(None, run.batch_sharding))
 
 
 def evaluate(run: Run, state, eval_step) -> dict:
-  """top-1/top-5 over the whole eval split, every example counted once across processes."""
+  """The task's metrics over the whole eval split (top-1/top-5, or mIoU/aAcc/per-class IoU), every example counted
+  once across processes."""
   batches, _ = pipeline.eval_dataset(run.config, local_batch=run.local_batch, process_index=jax.process_index(),
                                      process_count=jax.process_count())
-  totals = {"top1": 0.0, "top5": 0.0, "count": 0.0}
+  totals = {}
   for batch in batches:
-    counts = eval_step(state, sharding.global_batch(batch, run.mesh))
-    totals = {k: totals[k] + float(counts[k]) for k in totals}
+    totals = tasks.add_counts(totals, eval_step(state, sharding.global_batch(batch, run.mesh)))
   if int(totals["count"]) < run.dataset.num_eval:
     logging.warning("eval: %d of %d images did not decode and were left out",
                     run.dataset.num_eval - int(totals["count"]), run.dataset.num_eval)
-  count = max(totals["count"], 1)
-  return {"top1": totals["top1"] / count, "top5": totals["top5"] / count, "count": int(totals["count"])}
+  return tasks.for_config(run.config).eval_metrics(totals, run.dataset.class_names)
 
 
 # ------------------------------------------------------------------------------------------- the start
@@ -357,8 +356,10 @@ def _train_loop(run: Run, workdir: str, ckpt: checkpoint.Checkpointer, pretraine
   config = run.config
   state = _start_state(run, ckpt, pretrained)
   start = int(state["step"])
+  task = tasks.for_config(config)
   train_step = jit(config, step_lib.make_train_step(run.graphdef, run.rng_template, run.tx, config,
-                                                    run.dataset.num_classes),
+                                                    run.dataset.num_classes,
+                                                    task.loss_fn(config, run.dataset.num_classes)),
                    in_shardings=(run.state_sharding, run.batch_sharding), out_shardings=(run.state_sharding, None),
                    donate_argnums=0)
   eval_step = jit_eval_step(run, use_ema=config.ema_decay > 0)
@@ -367,7 +368,7 @@ def _train_loop(run: Run, workdir: str, ckpt: checkpoint.Checkpointer, pretraine
                                    process_index=jax.process_index(), process_count=jax.process_count())
   progress = _Progress(workdir, run.total_steps, start)
   preemption = PreemptionWatch(ckpt)
-  eval_every = config.eval_every_epochs * run.steps_per_epoch  # 0: no evaluation
+  eval_every = config.eval_every_steps or config.eval_every_epochs * run.steps_per_epoch  # 0: no evaluation
   logging.info("%d steps (%d per epoch), global batch %d on %d devices, %d processes", run.total_steps,
                run.steps_per_epoch, config.batch_size, jax.device_count(), jax.process_count())
   eval_metrics, window_start, window_steps, t0, skipped = {}, time.time(), 0, time.time(), 0
@@ -416,9 +417,9 @@ def _train_loop(run: Run, workdir: str, ckpt: checkpoint.Checkpointer, pretraine
         break
       if eval_every and (done % eval_every == 0 or done == run.total_steps):
         eval_metrics = evaluate(run, state, eval_step)
-        logging.info("eval at step %d: top-1 %.4f top-5 %.4f (%d images)", done, eval_metrics["top1"],
-                     eval_metrics["top5"], eval_metrics["count"])
-        progress.scalars(done, {"eval/top1": eval_metrics["top1"], "eval/top5": eval_metrics["top5"]})
+        text, scalars = task.eval_summary(eval_metrics)
+        logging.info("eval at step %d: %s (%d images)", done, text, eval_metrics["count"])
+        progress.scalars(done, scalars)
   finally:
     batches.close()
     preemption.close()

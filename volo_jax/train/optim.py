@@ -1,5 +1,7 @@
-"""AdamW with timm's parameter groups and timm's CosineLRScheduler (warmup, cosine, cooldown at min_lr)."""
+"""AdamW with timm's parameter groups on timm's CosineLRScheduler (warmup, cosine, cooldown at min_lr) or, for
+segmentation, mmseg's poly schedule with linear warmup, counted in steps."""
 
+import functools
 import math
 
 import jax
@@ -22,14 +24,26 @@ def timm_cosine_lr(t, *, base_lr: float, warmup_lr: float, warmup: float, cycle:
   return xp.where(t < warmup, warm, xp.where(t < cycle, cosine, min_lr))
 
 
+def poly_lr(step, *, base_lr: float, min_lr: float, total: int, power: float, warmup: int, warmup_ratio: float):
+  """mmcv's PolyLrUpdaterHook with linear warmup at `step`: (base − min)(1 − step/total)^power + min, scaled during
+  the first `warmup` steps by 1 − (1 − step/warmup)(1 − warmup_ratio)."""
+  step = jnp.asarray(step, jnp.float32)
+  regular = (base_lr - min_lr) * (1.0 - jnp.minimum(step, total) / total) ** power + min_lr
+  warm = 1.0 - (1.0 - step / max(warmup, 1)) * (1.0 - warmup_ratio)
+  return jnp.where(step < warmup, regular * warm, regular)
+
+
 def lr_schedule(config, steps_per_epoch: int) -> optax.Schedule:
-  """step → learning rate, equal to timm's scheduler for `config`'s recipe.
+  """step → learning rate, equal to timm's scheduler for `config`'s recipe (mmseg's for schedule.name 'poly').
 
   timm steps the scheduler once per epoch by default (lr constant within an epoch): the per-epoch values are
   computed in float64 like timm's and looked up. `schedule.per_step` gives timm's t_in_epochs=False behaviour
   (warmup and cycle counted in steps), evaluated in float32.
   """
   s, lr = config.schedule, config.optimizer.lr
+  if s.name == "poly":
+    return functools.partial(poly_lr, base_lr=lr, min_lr=s.min_lr, total=config.total_steps, power=s.poly_power,
+                             warmup=s.poly_warmup_steps, warmup_ratio=s.poly_warmup_ratio)
   per_step = s.per_step
   scale = steps_per_epoch if per_step else 1
   kwargs = dict(base_lr=lr, warmup_lr=s.warmup_lr, warmup=s.warmup_epochs * scale, cycle=s.epochs * scale,
@@ -42,7 +56,10 @@ def lr_schedule(config, steps_per_epoch: int) -> optax.Schedule:
 
 
 def total_steps(config, steps_per_epoch: int) -> int:
-  """epochs + cooldown epochs, as the official trainer runs."""
+  """config.total_steps when set (the poly schedule's length), else epochs + cooldown epochs, as the official
+  trainer runs."""
+  if config.total_steps:
+    return config.total_steps
   return (config.schedule.epochs + config.schedule.cooldown_epochs) * steps_per_epoch
 
 

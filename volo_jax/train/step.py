@@ -52,32 +52,19 @@ def initial_state(params: nnx.State, batch_stats: nnx.State, tx: optax.GradientT
   return state
 
 
-def make_train_step(graphdef, rng_template, tx: optax.GradientTransformation, config, num_classes: int):
-  """(state, batch) → (state, metrics); batch = {'image': (B, H, W, 3) float32, 'label': (B,) int32}, and with
-  token labeling the label maps, crop boxes and flips that token_label_targets.build_targets turns into targets."""
+def classification_loss(config, num_classes: int):
+  """(model, batch, step_key) → (loss, {'accuracy'}): label-smoothed cross-entropy, or token labeling's loss, on
+  mixed-up images when mixup/cutmix is on; batch = {'image': (B, H, W, 3) float32, 'label': (B,) int32}, and
+  with token labeling the label maps, crop boxes and flips that token_label_targets.build_targets turns into
+  targets."""
   smoothing = config.label_smoothing
   tl = config.token_label
-  token_labels = tl.enabled
-  ema_decay = config.ema_decay
-  base_key = jax.random.key(config.seed)
-
   mix_config = config.mixup
   mixing = mix_config.mixup_alpha > 0 or mix_config.cutmix_alpha > 0
 
-  def loss_fn(model, images, targets):
-    if token_labels:
-      logits, aux, box = model.forward_train(images)
-      loss = token_label_targets.token_label_loss(logits, aux, box, targets, dense_weight=tl.dense_weight,
-                                                  cls_weight=tl.cls_weight, ground_truth=tl.ground_truth)
-      return loss, logits
-    logits = model(images)
-    return cross_entropy(logits, targets), logits
-
-  def train_step(state, batch):
-    step_key = jax.random.fold_in(base_key, state["step"])
-    rng_state = fresh_rng_state(rng_template, step_key)
+  def loss_fn(model, batch, step_key):
     images = batch["image"]
-    if token_labels:
+    if tl.enabled:
       targets = token_label_targets.build_targets(batch, num_classes=num_classes, token_size=tl.size,
                                                   smoothing=smoothing, transposed_box=tl.transposed_box)
     else:
@@ -85,12 +72,38 @@ def make_train_step(graphdef, rng_template, tx: optax.GradientTransformation, co
     if mixing:
       mix_key = jax.random.fold_in(step_key, 2**31 - 1)  # beyond any RNG-stream index
       images, targets = mixup.mix(mix_key, images, targets, **mix_config.to_dict())
+    if tl.enabled:
+      logits, aux, box = model.forward_train(images)
+      loss = token_label_targets.token_label_loss(logits, aux, box, targets, dense_weight=tl.dense_weight,
+                                                  cls_weight=tl.cls_weight, ground_truth=tl.ground_truth)
+    else:
+      logits = model(images)
+      loss = cross_entropy(logits, targets)
+    return loss, {"accuracy": (logits.argmax(-1) == batch["label"]).mean()}
+
+  return loss_fn
+
+
+def make_train_step(graphdef, rng_template, tx: optax.GradientTransformation, config, num_classes: int,
+                    loss_fn=None):
+  """(state, batch) → (state, metrics {'loss', 'accuracy', 'grad_norm', 'skipped_batches'}).
+
+  loss_fn(model, batch, step_key) → (loss, {'accuracy'}) on the merged model in train mode; default:
+  classification_loss. The model's random streams and the loss's draws derive from (seed, step).
+  """
+  loss_fn = loss_fn or classification_loss(config, num_classes)
+  ema_decay = config.ema_decay
+  base_key = jax.random.key(config.seed)
+
+  def train_step(state, batch):
+    step_key = jax.random.fold_in(base_key, state["step"])
+    rng_state = fresh_rng_state(rng_template, step_key)
     # The forward writes the running statistics into the BatchStat variables it was merged from: copy the inputs
     # first, for the non-finite guard below.
     before = jax.tree.map(lambda x: x, {k: state[k] for k in GUARDED if k in state})
     model = nnx.merge(graphdef, state["params"], state["batch_stats"], rng_state)
     model.train()
-    (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, images, targets)  # Param grads
+    (loss, aux_metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch, step_key)  # Param grads
     batch_stats = nnx.state(model, nnx.BatchStat)  # running statistics updated by the forward
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -108,8 +121,7 @@ def make_train_step(graphdef, rng_template, tx: optax.GradientTransformation, co
     updated = jax.lax.cond(finite, update, lambda: before)
     skipped = state["skipped_batches"] + jnp.where(finite, 0, 1).astype(state["skipped_batches"].dtype)
     new_state = dict(state, step=state["step"] + 1, skipped_batches=skipped, **updated)
-    metrics = {"loss": loss, "accuracy": (logits.argmax(-1) == batch["label"]).mean(), "grad_norm": grad_norm,
-               "skipped_batches": skipped}
+    metrics = {"loss": loss, "grad_norm": grad_norm, "skipped_batches": skipped, **aux_metrics}
     return new_state, metrics
 
   return train_step

@@ -14,12 +14,18 @@ from volo_jax.models.stack import REMAT_POLICIES
 from volo_jax.models.volo import STRIDE, parse_model_name
 
 NONFINITE_MODES = ("stop", "skip")
+TASKS = ("classification", "segmentation")
+SCHEDULES = ("cosine", "poly")
+EVAL_MODES = ("slide", "whole")
 DTYPES = ("float32", "bfloat16")
 
 
 def check_config(config, *, for_training: bool = True) -> None:
+  _choice("task", config.task, TASKS)
   check_model(config.model)
   check_batch(config)
+  if config.task == "segmentation":
+    check_segmentation(config)
   if not for_training:
     return
   check_hyperparameters(config)
@@ -74,6 +80,14 @@ def check_hyperparameters(config) -> None:
                       ("ema_decay", config.ema_decay)):
     if not 0 <= value < 1:
       raise ConfigError(f"{name} {value} must be in [0, 1)")
+  _choice("schedule.name", s.name, SCHEDULES)
+  if s.name == "poly" and config.total_steps <= 0:
+    raise ConfigError("schedule.name 'poly' counts in steps: set --config.total_steps (e.g. 160000)")
+  if s.name == "poly" and (s.poly_warmup_steps < 0 or not 0 <= s.poly_warmup_ratio <= 1 or s.poly_power <= 0):
+    raise ConfigError(f"schedule.poly_warmup_steps {s.poly_warmup_steps} must be ≥ 0, poly_warmup_ratio "
+                      f"{s.poly_warmup_ratio} in [0, 1] and poly_power {s.poly_power} > 0")
+  if config.eval_every_steps < 0:
+    raise ConfigError(f"eval_every_steps {config.eval_every_steps} must be ≥ 0 (0: every eval_every_epochs)")
   if s.epochs <= 0 or s.warmup_epochs < 0 or s.cooldown_epochs < 0:
     raise ConfigError(f"schedule.epochs {s.epochs} must be > 0, warmup_epochs {s.warmup_epochs} and "
                       f"cooldown_epochs {s.cooldown_epochs} ≥ 0")
@@ -96,6 +110,35 @@ def check_batch(config) -> None:
   if shards % processes or (batch // processes) % (shards // processes):
     raise ConfigError(f"data.shards={shards} must be a multiple of the {processes} processes and divide the "
                       f"per-process batch {batch // processes} evenly")
+
+
+def check_segmentation(config) -> None:
+  """The segmentation group: a dataset with per-pixel labels, a train scale and test canvas the crop fits, a
+  sliding stride within the crop; no classification-only training features."""
+  from volo_jax.data import segmentation_datasets  # pylint: disable=import-outside-toplevel
+  s, crop = config.segmentation, config.model.img_size
+  segmentation_datasets.source(config.data.dataset)  # ConfigError for a dataset without a segmentation source
+  if len(s.scale) != 2 or min(s.scale) <= 0:
+    raise ConfigError(f"segmentation.scale {tuple(s.scale)} must be two positive sizes (long side, short side)")
+  if len(s.ratio_range) != 2 or not 0 < s.ratio_range[0] <= s.ratio_range[1]:
+    raise ConfigError(f"segmentation.ratio_range {tuple(s.ratio_range)} must be (low, high) with 0 < low ≤ high")
+  if not 0 < s.cat_max_ratio <= 1:
+    raise ConfigError(f"segmentation.cat_max_ratio {s.cat_max_ratio} must be in (0, 1]")
+  if len(s.eval_canvas) != 2 or min(s.eval_canvas) < crop:
+    raise ConfigError(f"segmentation.eval_canvas {tuple(s.eval_canvas)} must be at least the {crop} crop "
+                      "(model.img_size) on both sides")
+  _choice("segmentation.eval_mode", s.eval_mode, EVAL_MODES)
+  if s.eval_mode == "whole" and tuple(s.eval_canvas) != (crop, crop):
+    raise ConfigError(f"segmentation.eval_mode 'whole' runs the model on the whole canvas: eval_canvas "
+                      f"{tuple(s.eval_canvas)} must equal the crop ({crop}, {crop}); use 'slide' for larger images")
+  if not 0 < s.eval_stride <= crop:
+    raise ConfigError(f"segmentation.eval_stride {s.eval_stride} must be in (0, {crop}] (the crop)")
+  if not s.test_scales or min(s.test_scales) <= 0:
+    raise ConfigError(f"segmentation.test_scales {tuple(s.test_scales)} must be positive ratios, e.g. (1.0,)")
+  if s.aux_weight < 0 or s.channels <= 0 or s.aux_channels <= 0 or not 0 <= s.head_dropout < 1:
+    raise ConfigError("segmentation.aux_weight must be ≥ 0, channels and aux_channels > 0, head_dropout in [0, 1)")
+  if config.token_label.enabled or config.mixup.mixup_alpha > 0 or config.mixup.cutmix_alpha > 0:
+    raise ConfigError("segmentation trains on per-pixel labels: token labeling, mixup and cutmix must be off")
 
 
 def check_token_labels(config) -> None:
