@@ -42,7 +42,6 @@ EXPERIMENTS = {
     "cityscapes_volo_d1": (_CITYSCAPES, "volo_d1", 0.1),
     "cityscapes_volo_d4": (_CITYSCAPES, "volo_d4", 0.5),
 }
-MULTI_SCALE = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # mmseg's aug-test ratios, with flip
 
 
 def _segmentation_base():

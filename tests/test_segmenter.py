@@ -184,3 +184,63 @@ def test_slide_logits_match_mmseg_loop(size):
   assert h_grids * w_grids > 1 and count.min() >= 1
   ours = nnx.jit(slide_logits, static_argnums=(2, 3))(model, jnp.asarray(images), CROP, stride)
   assert relative_error(ours, (preds / count).transpose(0, 2, 3, 1)) <= 1e-5
+
+
+def test_canvas_slide_equals_each_image_slid_alone():
+  """Images of different sizes padded to one canvas score like mmseg's loop on each image alone (slide_logits)."""
+  from volo_jax.models.segmenter import slide_canvas_logits, slide_logits  # pylint: disable=import-outside-toplevel
+  model = _segmenter()
+  model.eval()
+  sizes = [(96, 144), (64, 100), (80, 64)]
+  images = np.zeros((3, 96, 144, 3), np.float32)
+  rng = np.random.default_rng(3)
+  for i, (h, w) in enumerate(sizes):
+    images[i, :h, :w] = rng.standard_normal((h, w, 3))
+  stride = 40
+  ours = nnx.jit(lambda m, x, s: slide_canvas_logits(m, x, s, crop=CROP, stride=stride))(
+      model, jnp.asarray(images), jnp.asarray(sizes, jnp.int32))
+  for i, (h, w) in enumerate(sizes):
+    alone = nnx.jit(slide_logits, static_argnums=(2, 3))(model, jnp.asarray(images[i:i + 1, :h, :w]), CROP, stride)
+    assert relative_error(ours[i, :h, :w], alone[0]) <= 1e-5
+
+
+class PointwiseHead(nnx.Module):
+  """A 1×1 conv at full resolution: translation-equivariant, so any window tiling must give the whole-image output."""
+
+  def __init__(self, num_classes: int):
+    self.num_classes = num_classes
+    self.conv = nnx.Conv(3, num_classes, (1, 1), rngs=nnx.Rngs(0))
+
+  def __call__(self, images):
+    return self.conv(images)
+
+
+@pytest.mark.parametrize("size,stride", [((70, 90), 21), ((32, 32), 32), ((50, 33), 13)])
+def test_sliding_windows_cover_every_pixel_and_equal_the_whole_image(size, stride):
+  from volo_jax.models.segmenter import slide_canvas_logits  # pylint: disable=import-outside-toplevel
+  head = PointwiseHead(CLASSES)
+  h, w = size
+  images = np.zeros((1, 72, 96, 3), np.float32)
+  images[0, :h, :w] = np.random.default_rng(1).standard_normal((h, w, 3))
+  out = slide_canvas_logits(head, jnp.asarray(images), jnp.asarray([[h, w]], jnp.int32), crop=32, stride=stride)
+  whole = head(jnp.asarray(images))
+  np.testing.assert_allclose(out[0, :h, :w], whole[0, :h, :w], rtol=1e-5, atol=1e-6)  # zero where uncovered
+
+
+def test_flip_and_multi_scale_test_time():
+  """Flip averaging leaves a mirror-symmetric (pointwise) model's probabilities unchanged; a second scale's
+  logits come back to the base size through resize_valid, which equals upernet.resize_bilinear per image."""
+  from volo_jax.models import segmenter  # pylint: disable=import-outside-toplevel
+  from volo_jax.models.upernet import resize_bilinear  # pylint: disable=import-outside-toplevel
+  head = PointwiseHead(CLASSES)
+  rng = np.random.default_rng(2)
+  images = jnp.asarray(rng.standard_normal((2, 40, 48, 3)), jnp.float32)
+  sizes = jnp.asarray([[40, 48], [33, 29]], jnp.int32)
+  flipped = segmenter.predict_logits(head, (images,), (sizes,), sizes, (40, 48), crop=32, stride=16, flip=True)
+  plain = jax.nn.softmax(segmenter.slide_canvas_logits(head, images, sizes, crop=32, stride=16), axis=-1)
+  np.testing.assert_allclose(flipped[1, :33, :29], plain[1, :33, :29], rtol=1e-5, atol=1e-6)
+  x = jnp.asarray(rng.standard_normal((2, 30, 40, 3)), jnp.float32)
+  resized = segmenter.resize_valid(x, jnp.asarray([[30, 40], [20, 25]]), jnp.asarray([[45, 70], [33, 50]]), (50, 80))
+  np.testing.assert_allclose(resized[0, :45, :70], resize_bilinear(x[:1], (45, 70))[0], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(resized[1, :33, :50], resize_bilinear(x[1:, :20, :25], (33, 50))[0], rtol=1e-6,
+                             atol=1e-6)

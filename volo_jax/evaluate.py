@@ -1,6 +1,8 @@
-"""ImageNet (or any configured dataset) top-1/top-5 of a set of weights, exact over the whole eval split.
+"""The eval split's metrics for a set of weights, every image counted once: top-1/top-5 for classification,
+mIoU, aAcc and per-class IoU for segmentation (optionally mmseg's multi-scale + flip test).
 
   python -m volo_jax.evaluate --config configs/imagenet.py:volo_d1_224 --weights CKPT_OR_PTH
+  python -m volo_jax.evaluate --config configs/segmentation.py:ade20k_volo_d1 --weights WORKDIR [--multi-scale]
 
 CKPT_OR_PTH: an official/timm .pth(.tar), a .safetensors file, a `volo_jax.convert` directory or a training
 workdir. Runs on all processes of a multi-host job like train.py.
@@ -20,13 +22,25 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "experiment config (model, image size, dataset, crop_pct)")
 flags.DEFINE_string("weights", None, "weights to evaluate")
 flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() first (multi-process runs)")
+flags.DEFINE_bool("multi_scale", False, "segmentation: test at the scale's ratios 0.5, 0.75, 1.0, 1.25, 1.5, 1.75 "
+                  "with flip, averaging the probabilities (mmseg's aug test)")
 flags.mark_flags_as_required(["config", "weights"])
 
 
-def evaluate_weights(config, weights: str) -> dict:
-  """{'top1', 'top5', 'count'} of `weights` on config's eval split."""
+MULTI_SCALE = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # mmseg's aug-test ratios
+
+
+def evaluate_weights(config, weights: str, *, multi_scale: bool = False) -> dict:
+  """{'top1', 'top5', 'count'} (classification) or {'miou', 'aacc', 'iou': per class, 'count'} (segmentation) of
+  `weights` on config's eval split."""
   import jax  # pylint: disable=import-outside-toplevel
+  from volo_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
   from volo_jax.train import checkpoint, loop  # pylint: disable=import-outside-toplevel
+  if multi_scale:
+    if config.task != "segmentation":
+      raise ConfigError("--multi-scale is a segmentation test; this config classifies")
+    config = config.copy_and_resolve_references()
+    config.segmentation.test_scales, config.segmentation.test_flip = MULTI_SCALE, True
   run = loop.describe_run(config, for_training=False)
   model = loop.build_model(config, run.dataset.num_classes)
   checkpoint.load_pretrained(model, weights)
@@ -44,7 +58,7 @@ def main(argv):
     jax.distributed.initialize()
   from volo_jax import errors  # pylint: disable=import-outside-toplevel
   try:
-    metrics = evaluate_weights(FLAGS.config, FLAGS.weights)
+    metrics = evaluate_weights(FLAGS.config, FLAGS.weights, multi_scale=FLAGS.multi_scale)
   except errors.BAD_INPUT as e:
     print(f"{PROG}: error: {e}", file=sys.stderr)
     sys.exit(2)
