@@ -165,3 +165,36 @@ def test_jax_rows_run_the_trainers_cpu_path_and_plain_rows_the_public_model():
         kernels.ATTENTION_CORES[xla_cpu.dot_library(dots)])
     assert plain.network[2][0].attn.attention_core is not tuned.network[2][0].attn.attention_core
     assert plain.head.dot_general is jax.lax.dot_general and tuned.head.dot_general is kernels.dot_general
+
+
+@pytest.mark.slow
+def test_segmentation_bench_rows_and_torch_check(tmp_path, capsys, monkeypatch):
+  """--task segmentation in-process: the train step and slide inference of VOLO + UperNet against the PyTorch
+  composite, whose infer logits the bench checks against ours before timing. Narrow heads keep it quick."""
+  from volo_jax import bench_segmentation  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(bench_segmentation, "HEAD_CHANNELS", {"channels": 32, "aux_channels": 16})
+  out = tmp_path / "bench.json"
+  results = bench.main(["--task", "segmentation", "--model", "volo_tiny", "--crop", "64", "--batch", "8",
+                        "--mode", "infer,train", "--compare-torch", "--no-torch-compile", "--runs", "1",
+                        "--warmup", "0", "--default-malloc", "--json", str(out)])
+  table = capsys.readouterr().out
+  rows = [line.split()[:2] for line in table.splitlines()]
+  for mode in ("infer", "train"):
+    assert [mode, "jax"] in rows and [mode, "torch_eager"] in rows
+  assert "2 windows of 64² each" in table
+  assert json.loads(out.read_text())["cases"] == json.loads(json.dumps(results["cases"]))
+  cases = {(c["mode"], c["framework"]): c for c in results["cases"]}
+  for case in cases.values():
+    assert case["task"] == "segmentation" and case["img_size"] == 64 and case["paper_flops_per_image"] is None
+    _check_case(case, input_images=0)
+  infer, train = cases[("infer", "jax")], cases[("train", "jax")]
+  assert infer["image_size"] == [64, 85] and infer["windows"] == 2 and infer["relative_error_vs_torch"] <= 1e-4
+  assert 0 < infer["speedup_vs_torch_eager"] < float("inf") and 0 < train["speedup_vs_torch_eager"] < float("inf")
+  # a train step (forward of one crop, backward, AdamW) costs more than the forward of the image's two crops
+  assert train["flops_per_image"] > infer["flops_per_image"] > 0
+
+
+def test_segmentation_bench_refuses_input_mode_and_odd_crops():
+  for argv in (["--mode", "input"], ["--crop", "100"]):
+    with pytest.raises(SystemExit):
+      bench.parse_args(["--task", "segmentation", *argv])

@@ -10,6 +10,7 @@ assignment of the compiled step), and the process's CPU seconds per run with the
 
 The `jax` rows run as the trainer does: on a CPU backend with `volo_jax.cpu`'s kernels and compile options.
 `--plain` adds `jax_plain` rows: create_model's model as it is in a plain jax.jit, what a user's own loop gets.
+`--task segmentation` times VOLO + UperNet instead (volo_jax/bench_segmentation.py).
 """
 
 import argparse
@@ -35,8 +36,13 @@ MODES = ("infer", "train", "input")
 
 def parse_args(argv):
   p = argparse.ArgumentParser(prog="python -m volo_jax.bench", description=__doc__.split("\n\n")[0].replace("\n", " "))
+  p.add_argument("--task", default="classification", choices=("classification", "segmentation"),
+                 help="classification: VOLO at --img-size; segmentation: VOLO + UperNet at --crop, train step and "
+                      "sliding-window inference (modes infer, train)")
   p.add_argument("--model", default="volo_d1", help="volo_d1 … volo_d5, volo_tiny")
   p.add_argument("--img-size", type=int, default=224)
+  p.add_argument("--crop", type=int, default=512,
+                 help="--task segmentation: the train crop and the inference window, a multiple of 16")
   p.add_argument("--batch", type=int, default=8, help="global batch (split over all local devices)")
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   p.add_argument("--mode", default="infer,train", help="comma list of infer, train, input")
@@ -67,6 +73,12 @@ def parse_args(argv):
   unknown = sorted(set(args.modes) - set(MODES))
   if unknown or not args.modes:
     p.error(f"--mode takes a comma list of {', '.join(MODES)}; got {args.mode!r}")
+  if args.task == "segmentation":
+    if "input" in args.modes:
+      p.error("--task segmentation times infer and train, not input")
+    if args.crop <= 0 or args.crop % 16:
+      p.error(f"--crop must be a positive multiple of 16; got {args.crop}")
+    args.img_size = args.crop  # the rows' img_size
   return args
 
 
@@ -310,17 +322,24 @@ def torch_runners(args, mode: str) -> list[tuple[dict, callable]]:
   model.train(mode == "train")
   runners = [({"framework": "torch_eager", "compile_time_s": None}, make_run(model))]
   if not args.no_torch_compile:
-    case = {"framework": "torch_compile"}
-    try:
-      compiled_run = make_run(torch.compile(model))
-      start = time.perf_counter()
-      compiled_run()  # compiles
-      case["compile_time_s"] = time.perf_counter() - start
-      runners.append((case, compiled_run))
-    except Exception as e:  # pylint: disable=broad-except  # torch.compile needs a toolchain; record why not
-      case["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-      runners.append((case, None))
+    runners.append(torch_compiled_runner(make_run, model))
   return runners
+
+
+def torch_compiled_runner(make_run, model) -> tuple[dict, callable]:
+  """(facts, run) of `make_run(torch.compile(model))`, compiled by a first run; (facts with the error, None) when
+  torch.compile fails."""
+  import torch  # pylint: disable=import-outside-toplevel
+  case = {"framework": "torch_compile"}
+  try:
+    compiled_run = make_run(torch.compile(model))
+    start = time.perf_counter()
+    compiled_run()  # compiles
+    case["compile_time_s"] = time.perf_counter() - start
+    return case, compiled_run
+  except Exception as e:  # pylint: disable=broad-except  # torch.compile needs a toolchain; record why not
+    case["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+    return case, None
 
 
 # --------------------------------------------------------------------------------------------- input pipeline
@@ -428,10 +447,10 @@ def _allow_zero_bit_posterize():
 
 def _finish_case(case: dict, args, mode: str, peak: dict | None) -> dict:
   """Adds the model facts, FLOPs per image, FLOP/s and MFU to a timed case."""
-  base = {"mode": mode, "model": args.model, "img_size": args.img_size, "batch": args.batch, "dtype": args.dtype,
-          "scan": args.scan, "remat": args.remat}
+  base = {"task": args.task, "mode": mode, "model": args.model, "img_size": args.img_size, "batch": args.batch,
+          "dtype": args.dtype, "scan": args.scan, "remat": args.remat}
   case = dict(base, **case)
-  gmacs = PAPER_GMACS.get((args.model, args.img_size))
+  gmacs = PAPER_GMACS.get((args.model, args.img_size)) if args.task == "classification" else None
   # The paper counts one image's forward; a train step is ≈3× its forward (backward ≈ 2× forward).
   paper = gmacs * 2e9 * (3 if mode == "train" else 1) if gmacs and mode != "input" else None
   case["paper_flops_per_image"] = paper
@@ -455,7 +474,8 @@ def run(args) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   if args.batch % jax.local_device_count():
     raise SystemExit(f"--batch {args.batch} does not divide over the {jax.local_device_count()} local devices")
-  args.drop_path_rate = _train_config(args).model.drop_path_rate
+  if args.task == "classification":
+    args.drop_path_rate = _train_config(args).model.drop_path_rate
   peak = None
   if {"infer", "train"} & set(args.modes):
     # MFU's denominator: one device's peak times the devices, except on CPU, where the (fake) devices share the
@@ -468,14 +488,18 @@ def run(args) -> dict:
     if mode == "input":
       cases += [_finish_case(c, args, mode, peak) for c in input_cases(args, args.compare_torch)]
       continue
-    jax_case = jax_infer if mode == "infer" else jax_train
-    runners = []
-    for framework, plain in [("jax", False)] + ([("jax_plain", True)] if args.plain else []):
-      with jax.set_mesh(data_mesh):  # built and lowered under our mesh, whatever mesh a caller set globally
-        jax_facts, jax_run = jax_case(args, data_mesh, plain=plain)
-      runners.append((dict(framework=framework, **jax_facts), jax_run))
-    jax_cases = len(runners)
-    runners += torch_runners(args, mode) if args.compare_torch else []
+    if args.task == "segmentation":
+      from volo_jax import bench_segmentation  # pylint: disable=import-outside-toplevel
+      runners, jax_cases = bench_segmentation.runners(args, mode, data_mesh)
+    else:
+      jax_case = jax_infer if mode == "infer" else jax_train
+      runners = []
+      for framework, plain in [("jax", False)] + ([("jax_plain", True)] if args.plain else []):
+        with jax.set_mesh(data_mesh):  # built and lowered under our mesh, whatever mesh a caller set globally
+          jax_facts, jax_run = jax_case(args, data_mesh, plain=plain)
+        runners.append((dict(framework=framework, **jax_facts), jax_run))
+      jax_cases = len(runners)
+      runners += torch_runners(args, mode) if args.compare_torch else []
     timed = [(facts, run) for facts, run in runners if run is not None]
     cpu_times = [[] for _ in timed]
     with _maybe_trace(args.trace):
@@ -555,6 +579,14 @@ def format_table(results: dict) -> str:
                  f"GFLOP/s; ratio = JAX images/s ÷ PyTorch eager (input: PIL) images/s, timed in alternation")
   if any(c.get("flops_source") == "paper" and c["framework"].startswith("jax") for c in results["cases"]):
     lines.append("MFU of the scanned model from the paper's FLOPs: XLA's cost analysis counts a loop's body once")
+  slides = [c for c in results["cases"] if "windows" in c]
+  if slides:
+    c = slides[0]
+    checked = ", ".join(f"{c['framework']} {c['relative_error_vs_torch']:.1e}" for c in slides
+                        if "relative_error_vs_torch" in c)
+    lines.append(f"segmentation: train {c['batch']} × {c['img_size']}² crops; infer {c['batch']} images of "
+                 f"{c['image_size'][0]}×{c['image_size'][1]}, {c['windows']} windows of {c['img_size']}² each "
+                 f"(stride {c['stride']})" + (f"; infer logits vs PyTorch, max |Δ|/max: {checked}" if checked else ""))
   busy = [c for c in results["cases"] if "host_cores_busy" in c]
   if busy:
     lines.append("host cores busy per step (process CPU time ÷ step time): "
