@@ -5,13 +5,12 @@ jax.distributed.initialize() first; the command is the same on every worker.
 """
 
 import logging as std_logging
-import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from volo_jax import flag_errors
+from volo_jax import distributed, flag_errors
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "experiment config file (configs/…py[:argument])",
@@ -22,10 +21,6 @@ flags.DEFINE_bool("distributed", None, "call jax.distributed.initialize() (defau
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _wants_distributed() -> bool:
-  if FLAGS.distributed is not None:
-    return FLAGS.distributed
-  return any(v in os.environ for v in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES"))
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -33,14 +28,6 @@ class _QuietLibraries(std_logging.Filter):
 
   def filter(self, record):
     return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
-
-
-def _initialize_distributed(jax) -> None:
-  """jax detects TPU pods and SLURM itself; elsewhere JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
-  JAX_PROCESS_ID describe the job."""
-  count, index = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
-  jax.distributed.initialize(num_processes=int(count) if count else None,
-                             process_id=int(index) if index else None)
 
 
 def main(argv):
@@ -51,8 +38,8 @@ def main(argv):
     host_memory.tune_for_cpu_backend()
   logging.get_absl_handler().addFilter(_QuietLibraries())
   import jax  # pylint: disable=import-outside-toplevel
-  if _wants_distributed():
-    _initialize_distributed(jax)
+  if distributed.wanted() if FLAGS.distributed is None else FLAGS.distributed:
+    distributed.initialize()
   from volo_jax import errors  # pylint: disable=import-outside-toplevel
   from volo_jax.train.loop import train_and_evaluate  # pylint: disable=import-outside-toplevel
   logging.info("process %d/%d, %d local / %d global devices", jax.process_index(), jax.process_count(),

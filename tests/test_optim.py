@@ -78,3 +78,25 @@ def test_weight_decay_groups_equal_timm():
   from volo_jax.convert.mapping import torch_name  # pylint: disable=import-outside-toplevel
   ours = {torch_name(path) for path, leaf in nnx.to_flat_state(mask) if leaf.get_value()}
   assert ours == decayed
+
+
+def _mmcv_poly_lr(step: int, *, base: float, total: int, power: float, warmup: int, ratio: float,
+                  min_lr: float = 0.0) -> float:
+  """mmcv 1.x PolyLrUpdaterHook.get_lr with warmup='linear' (get_warmup_lr), in float64."""
+  regular = (base - min_lr) * (1 - step / total) ** power + min_lr
+  if step < warmup:
+    k = (1 - step / warmup) * (1 - ratio)
+    return regular * (1 - k)
+  return regular
+
+
+def test_poly_schedule_equals_mmcv():
+  from configs import segmentation  # pylint: disable=import-outside-toplevel
+  config = segmentation.get_config("ade20k_volo_d1")
+  s = config.schedule
+  schedule = jax.jit(optim.lr_schedule(config, steps_per_epoch=1263))
+  for step in (0, 1, 700, 1499, 1500, 1501, 80_000, 159_999, 160_000):
+    expected = _mmcv_poly_lr(step, base=config.optimizer.lr, total=config.total_steps, power=s.poly_power,
+                             warmup=s.poly_warmup_steps, ratio=s.poly_warmup_ratio)
+    assert float(schedule(step)) == pytest.approx(expected, rel=2e-6, abs=1e-12), step
+  assert optim.total_steps(config, 1263) == 160_000

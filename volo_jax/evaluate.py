@@ -14,14 +14,15 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from volo_jax import flag_errors
+from volo_jax import distributed, flag_errors
 
 PROG = "python -m volo_jax.evaluate"
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "experiment config (model, image size, dataset, crop_pct)")
 flags.DEFINE_string("weights", None, "weights to evaluate")
-flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() first (multi-process runs)")
+flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() first (multi-process runs: TPU pods and "
+                  "SLURM are detected; elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)")
 flags.DEFINE_bool("multi_scale", False, "segmentation: test at the scale's ratios 0.5, 0.75, 1.0, 1.25, 1.5, 1.75 "
                   "with flip, averaging the probabilities (mmseg's aug test)")
 flags.mark_flags_as_required(["config", "weights"])
@@ -54,8 +55,7 @@ def main(argv):
     from volo_jax.cpu import host_memory  # pylint: disable=import-outside-toplevel
     host_memory.tune_for_cpu_backend()
   if FLAGS.distributed:
-    import jax  # pylint: disable=import-outside-toplevel
-    jax.distributed.initialize()
+    distributed.initialize()
   from volo_jax import errors  # pylint: disable=import-outside-toplevel
   try:
     metrics = evaluate_weights(FLAGS.config, FLAGS.weights, multi_scale=FLAGS.multi_scale)

@@ -29,7 +29,7 @@ def poly_lr(step, *, base_lr: float, min_lr: float, total: int, power: float, wa
   the first `warmup` steps by 1 − (1 − step/warmup)(1 − warmup_ratio)."""
   step = jnp.asarray(step, jnp.float32)
   regular = (base_lr - min_lr) * (1.0 - jnp.minimum(step, total) / total) ** power + min_lr
-  warm = 1.0 - (1.0 - step / max(warmup, 1)) * (1.0 - warmup_ratio)
+  warm = step / max(warmup, 1) * (1.0 - warmup_ratio) + warmup_ratio  # 1 − (1 − t/w)(1 − r), no cancellation
   return jnp.where(step < warmup, regular * warm, regular)
 
 
