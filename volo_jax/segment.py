@@ -169,6 +169,9 @@ def parse(argv: list[str]) -> list[str]:
   """absl-parses `argv` (program name first) into FLAGS; returns the image paths. A bad flag or config ends in
   one line, exit 2, as flag_errors.parser."""
   FLAGS.unparse_flags()
+  if any(arg in ("-h", "--help", "-help") for arg in argv[1:]):
+    print(__doc__ + "\nflags:\n" + FLAGS.get_help())
+    sys.exit(0)
   try:
     remaining = FLAGS(argv)
     FLAGS["config"].value.keys()  # a config file that fails to load raises at its first use: make that now
