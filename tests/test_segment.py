@@ -84,10 +84,10 @@ def test_masks_overlays_and_table(digits, weights_file, tmp_path, capsys):
 
 def test_one_image_to_a_png_path(weights_file, tmp_path):
   Image.fromarray(_photo(WIDE, 3)).save(tmp_path / "in.jpg")
-  target = tmp_path / "masks" / "mine.png"
-  assert segment.main(["--config", CONFIG, "--weights", weights_file, "--out", str(target),
+  mask_path = tmp_path / "masks" / "mine.png"
+  assert segment.main(["--config", CONFIG, "--weights", weights_file, "--out", str(mask_path),
                        str(tmp_path / "in.jpg")]) == 0
-  assert Image.open(target).size == (WIDE[1], WIDE[0])
+  assert Image.open(mask_path).size == (WIDE[1], WIDE[0])
   assert (tmp_path / "masks" / "mine_overlay.jpg").is_file()
 
 

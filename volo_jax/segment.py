@@ -103,9 +103,9 @@ class Segmenter:
     from volo_jax.errors import CheckpointError, ConfigError  # pylint: disable=import-outside-toplevel
     from volo_jax.models import segmenter  # pylint: disable=import-outside-toplevel
     from volo_jax.train import checkpoint, loop, segmentation_step  # pylint: disable=import-outside-toplevel
-    if config.get("task") != "segmentation":
-      raise ConfigError(f"--config {config.get('experiment', '')} is not a segmentation config (task "
-                        f"{config.get('task')!r})")
+    kind = config.get("task")
+    if kind != "segmentation":
+      raise ConfigError(f"--config {config.get('experiment', '')} is a {kind} config, not a segmentation one")
     self.config = config
     self.source = segmentation_datasets.source(config.data.dataset)
     model = loop.build_model(config, self.source.num_classes)
