@@ -51,12 +51,19 @@ def builder(config):
 
 def dataset_info(config) -> DatasetInfo:
   b = builder(config)
-  sizes = dict(num_train=b.info.splits[config.data.train_split].num_examples,
-               num_eval=b.info.splits[config.data.eval_split].num_examples)
+  sizes = dict(num_train=_split_size(b, config.data.train_split), num_eval=_split_size(b, config.data.eval_split))
   if _segmentation(config):
     source = segmentation_input.source(config)
     return DatasetInfo(num_classes=source.num_classes, class_names=source.class_names, **sizes)
   return DatasetInfo(num_classes=b.info.features["label"].num_classes, **sizes)
+
+
+def _split_size(b, split: str) -> int:
+  try:
+    return b.info.splits[split].num_examples
+  except (KeyError, ValueError) as e:
+    raise ConfigError(f"split {split!r} of {b.name!r}: {str(e).strip()} (splits: {', '.join(b.info.splits)})") \
+        from None
 
 
 def _segmentation(config) -> bool:
