@@ -79,14 +79,14 @@ def _digits():
   c.segmentation.ratio_range = (0.75, 1.5)
   c.segmentation.eval_canvas = (64, 64)
   c.segmentation.eval_stride = 64
-  c.segmentation.channels = 128
-  c.segmentation.aux_channels = 64
-  c.optimizer.lr = 2e-3
+  c.segmentation.channels = 64
+  c.segmentation.aux_channels = 32
+  c.optimizer.lr = 3e-3
   c.optimizer.weight_decay = 0.05
   c.schedule.poly_warmup_steps = 50
-  c.total_steps = 600
-  c.eval_every_steps = 200
-  c.checkpoint_every_steps = 200
+  c.total_steps = 700
+  c.eval_every_steps = 350
+  c.checkpoint_every_steps = 350
   c.log_every_steps = 20
   return c
 
