@@ -11,7 +11,7 @@
 | ade20k_volo_d5     | 54.3             | 512  | 16           | 2048 × 512          | 1024 × 1024 | 341          |
 | cityscapes_volo_d1 | 83.1             | 1024 | 8            | 2048 × 1024         | 1024 × 2048 | 768          |
 | cityscapes_volo_d4 | 84.3             | 1024 | 8            | 2048 × 1024         | 1024 × 2048 | 768          |
-| digits             | (≥ 70, ours)     | 64   | 32           | 64 × 64             | 64 × 64     | 64           |
+| digits             | 87.1 (ours)      | 64   | 32           | 64 × 64             | 64 × 64     | 64           |
 
 The paper's figures: 54.3 (ADE20K) and 84.3 (Cityscapes) from its abstract, the per-variant ones from paper v1 as
 tabulated by third parties; most likely multi-scale + flip tests (`--multi-scale`). The authors never released
@@ -26,8 +26,9 @@ Data (manual downloads, then prepared once into the TFDS data_dir, see the READM
 ADEChallengeData2016.zip (our `ade20k_challenge` builder: 20,210 train / 2,000 validation, label 0 "other" is
 ignored, k → k − 1); Cityscapes from TFDS's `cityscapes/semantic_segmentation` (leftImg8bit_trainvaltest.zip and
 gtFine_trainvaltest.zip; labelIds mapped to the 19 train ids). `digits` is the embedded default: real handwritten
-digits from scikit-learn pasted onto 64 × 64 canvases, built into a local TFDS dataset on first use; a few minutes
-on a 2-core CPU.
+digits from scikit-learn pasted onto 64 × 64 canvases (11 classes), built into a local TFDS dataset on first use;
+volo_tiny + UperNet from scratch, 700 steps: 87.1% mIoU on the 500 test canvases, 4 min 50 s on a 2-core Xeon
+(2026-12-07) including the dataset's build.
 """
 
 from configs.common import base_config
