@@ -210,7 +210,8 @@ BAD_INPUTS = {
     "crop not a multiple of 16": ({"model.img_size": 72}, errors.ConfigError, "not a multiple of VOLO's stride 16"),
     "canvas smaller than the crop": ({"segmentation.eval_canvas": (32, 64)}, errors.ConfigError,
                                      r"eval_canvas \(32, 64\) must be at least the 64 crop"),
-    "checkpoint of another architecture": ({"init_from": "{weights}"}, errors.CheckpointError, ""),
+    "checkpoint of another architecture": ({"init_from": "{weights}"}, errors.CheckpointError,
+                                           r"checkpoint does not fit this model \(wrong variant\?\)"),
     "labels outside the classes": ({"data.dataset": "{labels}", "data.eval_split": "test"}, errors.ConfigError,
                                    "label maps hold values 50 that are no class of its 11"),
 }
