@@ -130,12 +130,23 @@ class Pyramid(nnx.Module):
 
   def __init__(self, dim8: int, dim16: int, *, dtype, rngs: nnx.Rngs):
     self.channels = (dim8, dim8, dim16, dim16)
+    # The parameters (and their PyTorch names) of a ConvTranspose2d; `upsample` computes it.
     self.up = nnx.ConvTranspose(dim8, dim8, (2, 2), strides=(2, 2), padding="VALID", transpose_kernel=True,
                                 kernel_init=conv_kernel_init, dtype=dtype, rngs=rngs)
 
   def __call__(self, x8: jax.Array, x16: jax.Array) -> list[jax.Array]:
     x32 = nnx.max_pool(x16, (2, 2), strides=(2, 2))
-    return [self.up(x8), x8, x16, x32]
+    return [self.upsample(x8), x8, x16, x32]
+
+  def upsample(self, x8: jax.Array) -> jax.Array:
+    """`self.up`'s transposed conv as one product and a reshape: with a 2×2 kernel at stride 2 each input pixel
+    writes its own 2×2 output block. (B, h, w, C) → (B, 2h, 2w, C). XLA:CPU runs lax.conv_transpose as a dilated
+    convolution far slower than this (docs/performance.md, 'Transposed conv as a product')."""
+    dtype = self.up.dtype or x8.dtype
+    kernel = self.up.kernel[...].astype(dtype)  # (2, 2, out, in): transpose_kernel's layout
+    b, h, w, _ = x8.shape
+    y = jnp.einsum("bhwc,ijoc->bhiwjo", x8.astype(dtype), kernel)  # (B, h, 2, w, 2, out)
+    return y.reshape(b, 2 * h, 2 * w, -1) + self.up.bias[...].astype(dtype)
 
 
 class UperNetHead(nnx.Module):
