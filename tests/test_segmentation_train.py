@@ -28,7 +28,8 @@ from volo_jax.train.preemption import PreemptionWatch
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGENET_MEAN, IMAGENET_STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 RUN = {"batch_size": 16, "mesh.fsdp": 2, "log_every_steps": 1, "eval_every_steps": 0, "checkpoint_every_steps": 2,
-       "schedule.poly_warmup_steps": 1, "data.eval_split": "test[:100]"}
+       "schedule.poly_warmup_steps": 1, "data.eval_split": "test[:100]",
+       "cpu.dots": "default"}  # XLA's own dots: their programs enter the persistent compilation cache, oneDNN's not
 EVAL_IMAGES = 100  # 7 batches of 16, the last one padded
 
 
@@ -146,7 +147,7 @@ def test_two_processes_score_like_one(straight_run, data_dir):
   procs = [subprocess.Popen(
       [sys.executable, "-m", "volo_jax.evaluate", "--config", "configs/segmentation.py:digits", "--weights", workdir,
        "--distributed", f"--config.data.data_dir={data_dir}", f"--config.batch_size={RUN['batch_size']}",
-       f"--config.data.eval_split={RUN['data.eval_split']}"],
+       f"--config.data.eval_split={RUN['data.eval_split']}", f"--config.cpu.dots={RUN['cpu.dots']}"],
       cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
       env=dict(os.environ, XLA_FLAGS=xla_flags(4), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))) for i in (0, 1)]
