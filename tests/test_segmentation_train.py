@@ -4,7 +4,6 @@ eval metrics against an independent numpy scoring of the same weights, resume eq
 
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -28,9 +27,9 @@ from volo_jax.train.preemption import PreemptionWatch
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGENET_MEAN, IMAGENET_STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 RUN = {"batch_size": 16, "mesh.fsdp": 2, "log_every_steps": 1, "eval_every_steps": 0, "checkpoint_every_steps": 2,
-       "schedule.poly_warmup_steps": 1, "data.eval_split": "test[:100]",
+       "schedule.poly_warmup_steps": 1, "data.eval_split": "test[:40]",
        "cpu.dots": "default"}  # XLA's own dots: their programs enter the persistent compilation cache, oneDNN's not
-EVAL_IMAGES = 100  # 7 batches of 16, the last one padded
+EVAL_IMAGES = 40  # 3 batches of 16, the last one padded
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +140,7 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_two_processes_score_like_one(straight_run, data_dir):
-  """evaluate in 2 processes × 4 devices: every image counted once, the same mIoU as the in-process run."""
+  """evaluate in 2 processes × 2 devices: every image counted once, the same mIoU as the in-process run."""
   workdir, metrics = straight_run
   port = _free_port()
   procs = [subprocess.Popen(
@@ -149,7 +148,7 @@ def test_two_processes_score_like_one(straight_run, data_dir):
        "--distributed", f"--config.data.data_dir={data_dir}", f"--config.batch_size={RUN['batch_size']}",
        f"--config.data.eval_split={RUN['data.eval_split']}", f"--config.cpu.dots={RUN['cpu.dots']}"],
       cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-      env=dict(os.environ, XLA_FLAGS=xla_flags(4), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+      env=dict(os.environ, XLA_FLAGS=xla_flags(2), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))) for i in (0, 1)]
   outputs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outputs):
@@ -231,15 +230,3 @@ def test_bad_input_is_refused_in_one_line_leaving_no_workdir(case, data_dir, cla
   assert "\n" not in str(raised.value).strip()
   assert not os.path.exists(workdir)
 
-
-def test_train_py_refuses_a_bad_crop_in_one_line_with_exit_code_2(data_dir, tmp_path):
-  workdir = str(tmp_path / "run")
-  result = subprocess.run([sys.executable, "train.py", "--config", "configs/segmentation.py:digits", "--workdir",
-                           workdir, f"--config.data.data_dir={data_dir}", "--config.model.img_size=72"],
-                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=300,
-                          env=dict(os.environ, XLA_FLAGS=xla_flags(1)))
-  assert result.returncode == 2, result.stderr[-3000:]
-  lines = [line for line in result.stderr.splitlines() if "error" in line.lower() and not re.match(r"I\d{4} ", line)]
-  assert lines == ["train.py: error: model.img_size 72 is not a multiple of VOLO's stride 16 (the stem's 8 × the "
-                   "downsample's 2)"]
-  assert not os.path.exists(workdir)

@@ -244,3 +244,14 @@ def test_flip_and_multi_scale_test_time():
   np.testing.assert_allclose(resized[0, :45, :70], resize_bilinear(x[:1], (45, 70))[0], rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(resized[1, :33, :50], resize_bilinear(x[1:, :20, :25], (33, 50))[0], rtol=1e-6,
                              atol=1e-6)
+
+
+def test_pos_embed_of_a_224_checkpoint_resized_to_a_512_crop_as_the_official_loader():
+  """The official fine-tuning loader's math: F.interpolate(pos_embed, crop/16, mode='bicubic', align_corners=False)."""
+  reference = randomised_timm_volo("volo_tiny", img_size=224)
+  tensors = {k: v.numpy() for k, v in reference.state_dict().items()}
+  model = create_segmenter("volo_tiny", CLASSES, img_size=512, **SMALL)
+  convert.load_backbone_state_dict(model, tensors)
+  expected = torch.nn.functional.interpolate(torch.from_numpy(tensors["pos_embed"]).permute(0, 3, 1, 2), size=(32, 32),
+                                             mode="bicubic", align_corners=False).permute(0, 2, 3, 1).numpy()
+  assert relative_error(model.backbone.pos_embed[...], expected) <= 1e-6
