@@ -23,7 +23,7 @@ config_flags.DEFINE_config_file("config", None, "experiment config (model, image
 flags.DEFINE_string("weights", None, "weights to evaluate")
 flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() first (multi-process runs: TPU pods and "
                   "SLURM are detected; elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)")
-flags.DEFINE_bool("multi_scale", False, "segmentation: test at the scale's ratios 0.5, 0.75, 1.0, 1.25, 1.5, 1.75 "
+flags.DEFINE_bool("multi-scale", False, "segmentation: test at the scale's ratios 0.5, 0.75, 1.0, 1.25, 1.5, 1.75 "
                   "with flip, averaging the probabilities (mmseg's aug test)")
 flags.mark_flags_as_required(["config", "weights"])
 
@@ -58,7 +58,7 @@ def main(argv):
     distributed.initialize()
   from volo_jax import errors  # pylint: disable=import-outside-toplevel
   try:
-    metrics = evaluate_weights(FLAGS.config, FLAGS.weights, multi_scale=FLAGS.multi_scale)
+    metrics = evaluate_weights(FLAGS.config, FLAGS.weights, multi_scale=FLAGS["multi-scale"].value)
   except errors.BAD_INPUT as e:
     print(f"{PROG}: error: {e}", file=sys.stderr)
     sys.exit(2)
