@@ -29,10 +29,15 @@ def rename(config):
   return lambda example: {"image": example[src.image_key], LABEL: example[src.label_key]}
 
 
+def _raw_label(example) -> tf.Tensor:
+  """The stored label map (H, W) uint8, before the dataset's raw → train id table."""
+  return tf.io.decode_png(example[LABEL], channels=1)[..., 0]
+
+
 def _decode(example, config) -> tuple[tf.Tensor, tf.Tensor]:
   """(image (H, W, 3) uint8, label (H, W) uint8 train ids, 255 = ignore); the two must have one size."""
   image = tf.io.decode_image(example["image"], channels=3, expand_animations=False)
-  raw = tf.io.decode_png(example[LABEL], channels=1)[..., 0]
+  raw = _raw_label(example)
   same = tf.reduce_all(tf.shape(image)[:2] == tf.shape(raw))
   with tf.control_dependencies([tf.debugging.Assert(same, ["the label map's size differs from the image's"])]):
     return tf.identity(image), source(config).train_ids(raw)
@@ -73,7 +78,7 @@ def check_labels(config, examples: int = 8) -> None:
   src = source(config)
   ds = pipeline.builder(config).as_dataset(split=config.data.train_split, decoders=decoders(config))
   for example in ds.map(rename(config)).take(examples):
-    raw = tf.io.decode_png(example[LABEL], channels=1)[..., 0].numpy()
+    raw = _raw_label(example).numpy()
     bad = src.invalid_values(raw)
     if len(bad):
       shown = ", ".join(str(int(v)) for v in np.asarray(bad)[:5])

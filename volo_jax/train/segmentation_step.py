@@ -2,14 +2,12 @@
 (decode + aux_weight × auxiliary cross-entropy, 255 ignored) and a confusion matrix per evaluation batch from
 mmseg's test time (sliding windows, optionally several scales and the mirrored image)."""
 
-import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from volo_jax import segmentation_metrics as metrics_lib
 from volo_jax.models import segmenter
 from volo_jax.models.upernet import resize_bilinear
-from volo_jax.train.step import fresh_rng_state
+from volo_jax.train.step import eval_model
 
 
 def loss_fn(config):
@@ -43,10 +41,7 @@ def make_eval_step(graphdef, rng_template, config, num_classes: int, use_ema: bo
   settings = test_time_settings(config)
 
   def eval_step(state, batch):
-    params = state["ema_params"] if use_ema else state["params"]
-    rng_state = fresh_rng_state(rng_template, jax.random.key(0))  # unused in eval, but part of the graph
-    model = nnx.merge(graphdef, params, state["batch_stats"], rng_state)
-    model.eval()
+    model = eval_model(graphdef, rng_template, state, use_ema)
     labels = batch["label"]
     scores = segmenter.predict_logits(model, tuple(batch["images"]), tuple(batch["sizes"]), batch["size"],
                                       labels.shape[1:3], **settings)

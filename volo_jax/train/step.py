@@ -127,15 +127,20 @@ def make_train_step(graphdef, rng_template, tx: optax.GradientTransformation, co
   return train_step
 
 
+def eval_model(graphdef, rng_template, state, use_ema: bool = False):
+  """The state's model (its EMA parameters when use_ema) in eval mode, for an eval step."""
+  params = state["ema_params"] if use_ema else state["params"]
+  rng_state = fresh_rng_state(rng_template, jax.random.key(0))  # unused in eval, but part of the graph
+  model = nnx.merge(graphdef, params, state["batch_stats"], rng_state)
+  model.eval()
+  return model
+
+
 def make_eval_step(graphdef, rng_template, use_ema: bool = False):
   """(state, batch) → summed counts {'top1', 'top5', 'count'}; padded examples carry mask 0."""
 
   def eval_step(state, batch):
-    params = state["ema_params"] if use_ema else state["params"]
-    rng_state = fresh_rng_state(rng_template, jax.random.key(0))  # unused in eval, but part of the graph
-    model = nnx.merge(graphdef, params, state["batch_stats"], rng_state)
-    model.eval()
-    logits = model(batch["image"])
+    logits = eval_model(graphdef, rng_template, state, use_ema)(batch["image"])
     top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
     hits = top5 == batch["label"][:, None]
     mask = batch["mask"]
